@@ -1,0 +1,69 @@
+"""The model's modes during NIO, and putting everything back afterwards.
+
+NIO.md step 1: dropout off (eval mode), but every BatchNorm computes batch statistics
+without reading or updating its running buffers. ``track_running_stats=False`` alone is not
+enough for a layer in eval mode that has buffers, so each BatchNorm is put in training
+behaviour with ``track_running_stats=False``; ``F.batch_norm`` then gets no buffers at all.
+Attention runs under the math SDPA backend, the only one with a double backward.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    return [module for module in model.modules() if isinstance(module, _BatchNorm)]
+
+
+def couples_samples(model: nn.Module) -> bool:
+    """Whether a layer mixes samples under NIO's modes (BatchNorm computes batch statistics)."""
+    return bool(batch_norm_layers(model))
+
+
+@contextlib.contextmanager
+def nio_modes(model: nn.Module) -> Iterator[None]:
+    """Eval mode, BatchNorm on batch statistics, math attention; every flag restored on exit."""
+    training = [(module, module.training) for module in model.modules()]
+    tracking = [(layer, layer.track_running_stats) for layer in batch_norm_layers(model)]
+    try:
+        model.eval()
+        for layer, _ in tracking:
+            layer.training = True
+            layer.track_running_stats = False
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        for module, was_training in training:
+            module.training = was_training
+        for layer, was_tracking in tracking:
+            layer.track_running_stats = was_tracking
+
+
+class ParameterSnapshot:
+    """The values of the parameters and buffers a run may touch, to restore on failure.
+
+    The parameter copies double as theta_0, the initial values every scale multiplies.
+    """
+
+    def __init__(self, model: nn.Module, params: Sequence[nn.Parameter]):
+        with torch.no_grad():
+            self.params = list(params)
+            self.initial = [p.detach().clone() for p in self.params]
+            self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for param, saved in zip(self.params, self.initial):
+            param.copy_(saved)
+        self.restore_buffers()
+
+    @torch.no_grad()
+    def restore_buffers(self) -> None:
+        for buffer, saved in self.buffers:
+            buffer.copy_(saved)

@@ -1,0 +1,57 @@
+"""NIO: scales that maximise GradCosine under a gradient-norm bound (NIO.md, "One NIO iteration")."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .batching import BatchStream, num_samples
+from .gradcosine import LossFn, evaluate_gradcosine
+from .report import InitReport
+from .scale_optimizer import CONSTRAINT, OBJECTIVE
+from .scale_search import IterationOutcome, logger, run_scale_search
+
+OBJECTIVES = ("gc", "gc_gn", "gc_gn_sqrt")
+
+
+def nio_objective(objective: str, gradcosine: torch.Tensor, norms: torch.Tensor, mu: float) -> torch.Tensor:
+    """J of an objective step: -GradCosine, minus mu times the sum of squared / plain norms."""
+    if objective == "gc":
+        return -gradcosine
+    if objective == "gc_gn":
+        return -gradcosine - mu * norms.square().sum()
+    return -gradcosine - mu * norms.sum()
+
+
+def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Sequence[str],
+            params: Sequence[nn.Parameter], *, iters: int, sub_batches: int, overlap: float,
+            gamma: Optional[float], lr: float, min_scale: float, grad_clip: Optional[float],
+            objective: str, mu: float, mode: str, progress: bool, backend: str,
+            settings: dict[str, Any]) -> InitReport:
+    """The NIO loop. Arguments are already validated by ``nio_fast.initialize``."""
+    bound: dict[str, torch.Tensor] = {}
+
+    def iteration(index: int) -> IterationOutcome:
+        inputs, targets = next(stream)
+        if num_samples(inputs) < sub_batches:
+            # A short last batch of a DataLoader: chunks would be empty. Take the next one.
+            logger.debug("skipping a batch of %d samples (< %d sub-batches)", num_samples(inputs), sub_batches)
+            inputs, targets = next(stream)
+        result = evaluate_gradcosine(model, inputs, targets, loss_fn, params, sub_batches, overlap,
+                                     mode, create_graph=True, backend=backend)
+        gnorm = result.gnorm
+        if "gamma" not in bound:  # gamma=None: the mean chunk norm on the first batch
+            bound["gamma"] = gnorm.detach() if gamma is None else torch.as_tensor(gamma, device=gnorm.device)
+        constraint = gnorm > bound["gamma"]
+        objective_value = torch.where(constraint, gnorm, nio_objective(objective, result.value, result.norms, mu))
+        grads = torch.autograd.grad(objective_value, params, allow_unused=True)
+        kind = torch.where(constraint, CONSTRAINT, OBJECTIVE)
+        return IterationOutcome(grads, kind, {"gradcosine": result.value, "gnorm": gnorm,
+                                              "objective": objective_value})
+
+    report = run_scale_search("nio", model, names, params, iteration, iters=iters, lr=lr,
+                              min_scale=min_scale, grad_clip=grad_clip, progress=progress, settings=settings)
+    if "gamma" in bound:
+        report.gamma = float(bound["gamma"])
+    return report

@@ -1,0 +1,204 @@
+"""The public entry points: ``gradcosine`` and ``initialize``.
+
+Everything a caller can get wrong is checked here, before the model is touched.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .algorithms.batching import BatchStream, num_samples, to_device, unpack_batch
+from .algorithms.gradcosine import MODES, GradCosineResult, LossFn, evaluate_gradcosine
+from .algorithms.gradinit import INNER_OPTIMIZERS, run_gradinit
+from .algorithms.model_state import nio_modes
+from .algorithms.nio import OBJECTIVES, run_nio
+from .algorithms.report import InitReport
+from .backends import BACKEND_NAMES
+
+METHODS = ("nio", "gradinit")
+
+ParamsArg = Optional[Iterable[Union[str, torch.Tensor]]]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _require_choice(name: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, f"{name}: expected one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _require_number(name: str, value: Any, *, positive: bool = False, non_negative: bool = False,
+                    allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    _require(not positive or value > 0, f"{name}: must be > 0, got {value!r}")
+    _require(not non_negative or value >= 0, f"{name}: must be >= 0, got {value!r}")
+
+
+def _require_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+
+
+def select_parameters(model: nn.Module, params: ParamsArg) -> tuple[list[str], list[nn.Parameter]]:
+    """The (name, tensor) pairs to scale: every trainable parameter, or the ones ``params`` names.
+
+    Shared (tied) parameters appear once, under their first name.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(name, p) for name, p in named if p.requires_grad]
+        _require(bool(chosen), "model: has no trainable parameters (every requires_grad is False)")
+    else:
+        if isinstance(params, (str, torch.Tensor)):
+            raise TypeError("params: expected an iterable of parameter names or tensors, not a single one")
+        by_alias = dict(model.named_parameters(remove_duplicate=False))
+        first_name = {id(p): name for name, p in named}
+        chosen, seen = [], set()
+        for item in params:
+            if isinstance(item, str):
+                _require(item in by_alias, f"params: the model has no parameter named {item!r}")
+                tensor = by_alias[item]
+            elif isinstance(item, torch.Tensor):
+                _require(id(item) in first_name, "params: a tensor given is not a parameter of the model")
+                tensor = item
+            else:
+                raise TypeError(f"params: expected parameter names or tensors, got {type(item).__name__}")
+            _require(tensor.requires_grad, f"params: {first_name[id(tensor)]!r} does not require grad")
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                chosen.append((first_name[id(tensor)], tensor))
+        _require(bool(chosen), "params: selects no parameters")
+    devices = {p.device for _, p in chosen}
+    _require(len(devices) == 1, f"model: the selected parameters lie on several devices ({devices}); "
+                                "nio_fast needs them on one")
+    for name, p in chosen:
+        _require(p.is_floating_point(), f"params: {name!r} is not floating point ({p.dtype})")
+    return [name for name, _ in chosen], [p for _, p in chosen]
+
+
+def _check_sampling(sub_batches: Any, overlap: Any, mode: Any) -> None:
+    _require_int("sub_batches", sub_batches, 2)
+    _require_number("overlap", overlap)
+    _require(0 <= overlap < 1, f"overlap: must lie in [0, 1), got {overlap!r}")
+    _require_choice("mode", mode, MODES)
+
+
+def _check_backend(backend: Any) -> None:
+    _require_choice("backend", backend, ("auto",) + BACKEND_NAMES)
+
+
+def _check_batch_size(inputs: Any, sub_batches: int, arg: str) -> None:
+    size = num_samples(inputs, arg)
+    _require(size >= sub_batches, f"{arg}: has {size} samples, fewer than sub_batches={sub_batches}")
+
+
+def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *, sub_batches: int = 2,
+               overlap: float = 0.0, params: ParamsArg = None, mode: str = "auto",
+               create_graph: bool = False, backend: str = "auto") -> GradCosineResult:
+    """GradCosine of ``model`` on one batch: the mean pairwise cosine of sub-batch gradients.
+
+    Args:
+        model: any ``nn.Module``; its modes and buffers are left as they were.
+        batch: ``(inputs, targets)``; inputs a tensor, a tuple (``model(*inputs)``) or a dict
+            (``model(**inputs)``); samples along dimension 0.
+        loss_fn: ``loss_fn(outputs, targets)`` -> mean loss (default: cross-entropy).
+        sub_batches: D >= 2 contiguous chunks. overlap: r in [0, 1), NIO.md step 3.
+        params: names or tensors to take gradients of (default: every trainable parameter).
+        mode: ``"exact"`` (whole-batch forward), ``"per_chunk"`` (each chunk alone), or
+            ``"auto"`` (per_chunk unless a BatchNorm couples samples; never changes the value).
+        create_graph: keep the graph so the result can be differentiated.
+        backend: Gram backend, see :func:`nio_fast.ops.gram`.
+
+    Returns:
+        :class:`GradCosineResult` with ``value``, ``norms``, ``gram``, ``cosine``, ``chunks``.
+    """
+    names, tensors = select_parameters(model, params)
+    _check_sampling(sub_batches, overlap, mode)
+    _check_backend(backend)
+    inputs, targets = to_device(unpack_batch(batch), tensors[0].device)
+    _check_batch_size(inputs, sub_batches, "batch")
+    with nio_modes(model):
+        return evaluate_gradcosine(model, inputs, targets, loss_fn or F.cross_entropy, tensors, sub_batches,
+                                   overlap, mode, create_graph, backend)
+
+
+def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *, method: str = "nio",
+               iters: int = 100, sub_batches: int = 2, overlap: float = 0.0, gamma: Optional[float] = None,
+               lr: float = 0.05, min_scale: float = 0.01, grad_clip: Optional[float] = 1.0,
+               objective: str = "gc", mu: float = 1.0, mode: str = "auto", progress: bool = True,
+               seed: Optional[int] = None, inner: str = "sgd", eta: float = 0.1, params: ParamsArg = None,
+               backend: str = "auto") -> InitReport:
+    """Rescale every parameter tensor of ``model`` in place for a better start; return a report.
+
+    ``method="nio"`` learns one positive scale per tensor that maximises GradCosine while
+    the mean sub-batch gradient norm stays under ``gamma`` (NIO.md); ``method="gradinit"``
+    chooses the scales so that one ``inner`` optimizer step of size ``eta`` lowers the loss
+    most (GRADINIT.md). The Parameter objects stay the same (an optimizer built earlier still
+    works); modes, buffers, flags and ``.grad`` are as before; each tensor changes by one
+    positive factor. If anything raises, the model is restored exactly and the exception
+    propagates. A non-finite value stops the run with a warning, keeping the last finite state.
+
+    Args:
+        model: the network. data: an iterable of ``(inputs, targets)`` batches (cycled) or one
+            batch. loss_fn: ``loss_fn(outputs, targets)`` -> mean loss (default cross-entropy).
+        method: ``"nio"`` or ``"gradinit"``. iters: iterations (>= 1).
+        sub_batches, overlap, mode: how each batch is split (see :func:`gradcosine`).
+        gamma: gradient-norm bound; None measures it on the first batch (the mean sub-batch
+            norm for NIO, the inner optimizer's gradient norm for GradInit).
+        lr: scale-optimizer (Adam) learning rate. min_scale: lower bound of non-bias scales.
+        grad_clip: clip each scale gradient to [-grad_clip, grad_clip]; None: no clipping.
+        objective: NIO's ``"gc"``, ``"gc_gn"`` or ``"gc_gn_sqrt"``; mu weighs their norm term.
+        progress: show a progress bar. seed: run under this RNG seed (global RNG untouched).
+        inner, eta: GradInit's inner optimizer (``"sgd"`` or ``"adam"``) and its step size.
+        params: names or tensors to scale (default: every trainable parameter).
+        backend: Gram backend, see :func:`nio_fast.ops.gram`.
+    """
+    names, tensors = select_parameters(model, params)
+    _require_choice("method", method, METHODS)
+    _require_int("iters", iters, 1)
+    _check_sampling(sub_batches, overlap, mode)
+    _require_number("gamma", gamma, positive=True, allow_none=True)
+    _require_number("lr", lr, positive=True)
+    _require_number("min_scale", min_scale, non_negative=True)
+    _require_number("grad_clip", grad_clip, positive=True, allow_none=True)
+    _require_choice("objective", objective, OBJECTIVES)
+    _require_number("mu", mu, non_negative=True)
+    _require_choice("inner", inner, INNER_OPTIMIZERS)
+    _require_number("eta", eta, positive=True)
+    _check_backend(backend)
+    if seed is not None:
+        _require_int("seed", seed, 0)
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+
+    settings = dict(method=method, iters=iters, sub_batches=sub_batches, overlap=overlap, gamma=gamma, lr=lr,
+                    min_scale=min_scale, grad_clip=grad_clip, objective=objective, mu=mu, mode=mode,
+                    seed=seed, inner=inner, eta=eta, backend=backend, num_tensors=len(tensors))
+    device = tensors[0].device
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) \
+        if seed is not None else contextlib.nullcontext()
+    with rng:
+        if seed is not None:
+            torch.manual_seed(seed)
+        stream = BatchStream(data, device)
+        _check_batch_size(stream.peek()[0], sub_batches if method == "nio" else 1, "data (its first batch)")
+        common = dict(iters=iters, gamma=gamma, lr=lr, min_scale=min_scale, grad_clip=grad_clip,
+                      progress=progress, settings=settings)
+        if method == "nio":
+            return run_nio(model, stream, loss_fn or F.cross_entropy, names, tensors, sub_batches=sub_batches,
+                           overlap=overlap, objective=objective, mu=mu, mode=mode, backend=backend, **common)
+        return run_gradinit(model, stream, loss_fn or F.cross_entropy, names, tensors, inner=inner, eta=eta,
+                            **common)
