@@ -12,7 +12,7 @@ import logging
 from . import ops
 from .algorithms import GradCosineResult, InitReport
 from .api import gradcosine, initialize
-from .backends import backends
+from .availability import backends
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ from .algorithms.gradinit import INNER_OPTIMIZERS, run_gradinit
 from .algorithms.model_state import nio_modes
 from .algorithms.nio import OBJECTIVES, run_nio
 from .algorithms.report import InitReport
-from .backends import BACKEND_NAMES
+from .availability import BACKEND_NAMES
 
 METHODS = ("nio", "gradinit")
 

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .. import backends
+from .. import availability
 
 
 def tensor_dots_reference(a: Sequence[Optional[torch.Tensor]], b: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -30,10 +30,10 @@ def tensor_dots(a: Sequence[Optional[torch.Tensor]], b: Sequence[torch.Tensor]) 
     if len(a) != len(b):
         raise ValueError(f"a, b: expected the same number of tensors, got {len(a)} and {len(b)}")
     device = b[0].device if b else torch.device("cpu")
-    if device.type != "cpu" or not backends.cpp_usable(device):
+    if device.type != "cpu" or not availability.cpp_usable(device):
         return tensor_dots_reference(a, b)
     present = [p for p, x in enumerate(a) if x is not None]
     result = torch.zeros(len(b), dtype=torch.float64)
     if present:
-        result[present] = backends.extension().tensor_dots([a[p] for p in present], [b[p] for p in present])
+        result[present] = availability.extension().tensor_dots([a[p] for p in present], [b[p] for p in present])
     return result

@@ -15,7 +15,7 @@ from typing import Sequence, Union
 import torch
 from torch.autograd.function import once_differentiable
 
-from .. import backends
+from .. import availability
 
 GradTable = list[list[torch.Tensor]]
 """``grads[d][p]``: D lists of P tensors."""
@@ -83,14 +83,14 @@ def gram_reference(table: GradTable) -> torch.Tensor:
 
 def _fused_forward(backend: str, table: GradTable) -> torch.Tensor:
     if backend == "triton":
-        return backends.triton_kernels().gram_forward(table)
-    return backends.extension().gram_forward(table)
+        return availability.triton_kernels().gram_forward(table)
+    return availability.extension().gram_forward(table)
 
 
 def _fused_backward(backend: str, table: GradTable, weights: torch.Tensor) -> GradTable:
     if backend == "triton":
-        return backends.triton_kernels().gram_backward(table, weights)
-    return backends.extension().gram_backward(table, weights)
+        return availability.triton_kernels().gram_backward(table, weights)
+    return availability.extension().gram_backward(table, weights)
 
 
 class _FusedGram(torch.autograd.Function):
@@ -119,13 +119,13 @@ class _FusedGram(torch.autograd.Function):
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` to this device's best backend; refuse one that cannot run here."""
     if backend == "auto":
-        return backends.default_backend(device)
-    if backend not in backends.BACKEND_NAMES:
-        raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, backends.BACKEND_NAMES))}; got {backend!r}")
-    if backend == "triton" and not backends.triton_usable(device):
-        raise RuntimeError(f"backend='triton' cannot run on {device}: {backends.backends()['triton']['reason']}")
-    if backend == "cpp" and not backends.cpp_usable(device):
-        raise RuntimeError(f"backend='cpp' cannot run on {device}: {backends.backends()['cpp']['reason']}")
+        return availability.default_backend(device)
+    if backend not in availability.BACKEND_NAMES:
+        raise ValueError(f"backend: expected one of 'auto', {', '.join(map(repr, availability.BACKEND_NAMES))}; got {backend!r}")
+    if backend == "triton" and not availability.triton_usable(device):
+        raise RuntimeError(f"backend='triton' cannot run on {device}: {availability.backends()['triton']['reason']}")
+    if backend == "cpp" and not availability.cpp_usable(device):
+        raise RuntimeError(f"backend='cpp' cannot run on {device}: {availability.backends()['cpp']['reason']}")
     return backend
 
 

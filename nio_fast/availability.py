@@ -76,9 +76,10 @@ def triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device``."""
     if triton_kernels() is None:
         return False
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and triton_interpreting()
+    # The interpreter runs kernels through numpy on host memory: CPU tensors only, then.
+    if triton_interpreting():
+        return device.type == "cpu"
+    return device.type == "cuda"
 
 
 def cpp_usable(device: torch.device) -> bool:
@@ -117,10 +118,10 @@ def backends() -> dict[str, dict[str, object]]:
 
     triton_devices = []
     if kernels is not None:
-        if cuda:
-            triton_devices.append("cuda")
         if triton_interpreting():
             triton_devices.append("cpu (interpreter)")
+        elif cuda:
+            triton_devices.append("cuda")
     if kernels is None:
         triton_why = triton_reason
     elif not triton_devices:
