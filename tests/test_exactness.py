@@ -22,10 +22,13 @@ def assert_close(actual, expected, rtol, what):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-@pytest.mark.parametrize("sub_batches,overlap", [(2, 0.0), (3, 0.3), (4, 0.0), (5, 0.5)])
-def test_gradcosine_matches_reference_values_and_scale_gradients(name, sub_batches, overlap):
+@pytest.mark.parametrize("num,sub_batches,overlap", [
+    (23, 2, 0.0), (23, 3, 0.3), (23, 4, 0.0), (23, 5, 0.5),  # odd N: the last chunk takes the remainder
+    (24, 4, 0.0), (24, 24, 0.0),  # equal chunks (the vmapped path), down to one sample per chunk
+])
+def test_gradcosine_matches_reference_values_and_scale_gradients(name, num, sub_batches, overlap):
     model = make_model(name)
-    inputs, targets = batch_for(name, 23)  # odd N: the last chunk takes the remainder
+    inputs, targets = batch_for(name, num)
     names, params = trainable(model)
 
     result = nio_fast.gradcosine(model, (inputs, targets), sub_batches=sub_batches, overlap=overlap,

@@ -5,18 +5,27 @@ Two ways to get the D chunk gradients, equal whenever no layer couples samples:
   statistics see all N samples, as the spec says);
 - ``"per_chunk"``: forward each chunk on its own; each backward then walks only that chunk's
   activations instead of the whole batch's, so D gradients cost about one training step.
+  Equal chunks go through ``torch.func.vmap`` over the chunks (one batched forward and
+  backward instead of D small ones); a model vmap cannot run falls back to a loop over chunks.
 """
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
 from .batching import call_model, chunk_bounds, num_samples, slice_rows
 from .model_state import couples_samples
+
+logger = logging.getLogger("nio_fast")
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -53,10 +62,15 @@ def resolve_mode(mode: str, model: nn.Module) -> str:
     return mode
 
 
-def checked_loss(loss: Any) -> torch.Tensor:
+def scalar_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn: must return the mean loss of the batch as a scalar tensor, got {shape}")
+    return loss.reshape(())
+
+
+def checked_loss(loss: Any) -> torch.Tensor:
+    loss = scalar_loss(loss)
     if not loss.requires_grad:
         raise ValueError("loss_fn: the loss it returned does not depend on the selected parameters "
                          "(no gradient can flow); check params and the model")
@@ -83,6 +97,93 @@ def chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn
     return grads
 
 
+# Per model, once: whether vmap over chunks is exact for it (True), or why not (a string).
+_VMAP_VERDICT: "weakref.WeakKeyDictionary[nn.Module, Union[bool, str]]" = weakref.WeakKeyDictionary()
+
+# Ops whose second derivative under vmap(grad(...)) is WRONG in PyTorch 2.13 (values agree, the
+# gradient of GradCosine does not: 1e-2 relative for layer_norm, O(1) for instance_norm; see
+# tests/test_vmap_safety.py). A model that calls any of them takes the loop over chunks.
+_WRONG_UNDER_VMAP = {F.layer_norm, F.instance_norm, F.batch_norm,
+                     torch.layer_norm, torch.instance_norm, torch.batch_norm, torch.native_layer_norm}
+
+
+class _CallRecorder(TorchFunctionMode):
+    """Notes which of ``watched`` a forward calls (functional uses included, not just modules)."""
+
+    def __init__(self, watched: set):
+        super().__init__()
+        self.watched, self.seen = watched, set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.watched:
+            self.seen.add(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+def equal_chunks(bounds: Sequence[tuple[int, int]]) -> bool:
+    """The chunks tile the batch in equal parts (overlap 0 and D divides N)."""
+    length = bounds[0][1] - bounds[0][0]
+    return all(start == k * length and end == (k + 1) * length for k, (start, end) in enumerate(bounds))
+
+
+def _split_leading(obj: Any, num_chunks: int) -> tuple[list, list, Any]:
+    """Flatten ``obj``; tensors with a batch dimension become [D, N/D, ...] views (vmapped at 0)."""
+    leaves, spec = tree_flatten(obj)
+    dims = [0 if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None for leaf in leaves]
+    split = [leaf.reshape(num_chunks, leaf.shape[0] // num_chunks, *leaf.shape[1:]) if dim == 0 else leaf
+             for leaf, dim in zip(leaves, dims)]
+    return split, dims, spec
+
+
+def vmapped_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+                            params: Sequence[torch.Tensor], num_chunks: int,
+                            create_graph: bool) -> list[torch.Tensor]:
+    """Per-parameter [D, ...] gradients of equal chunks, by ``vmap(grad(chunk loss))``.
+
+    The result stays in the outer autograd graph (it is what ``create_graph=True`` gives).
+    """
+    names = {id(p): name for name, p in model.named_parameters()}
+    selected = {names[id(p)]: p for p in params}
+    input_leaves, input_dims, input_spec = _split_leading(inputs, num_chunks)
+    target_leaves, target_dims, target_spec = _split_leading(targets, num_chunks)
+
+    def chunk_loss(parameters, chunk_inputs, chunk_targets):
+        outputs = call_model(model, tree_unflatten(chunk_inputs, input_spec), parameters)
+        return scalar_loss(loss_fn(outputs, tree_unflatten(chunk_targets, target_spec)))
+
+    grads = torch.func.vmap(torch.func.grad(chunk_loss), in_dims=(None, input_dims, target_dims))(
+        selected, input_leaves, target_leaves)
+    stacked = [grads[names[id(p)]] for p in params]
+    return stacked if create_graph else [g.detach() for g in stacked]
+
+
+def per_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+                        params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
+                        create_graph: bool):
+    """Chunk gradients without coupling: vmapped where the chunks allow it, else the loop.
+
+    Returns either layout ``ops.gram`` takes: [D, ...] per parameter, or D lists of P.
+    """
+    verdict = _VMAP_VERDICT.get(model)
+    if equal_chunks(bounds) and verdict in (None, True):
+        try:
+            if verdict is True:
+                return vmapped_chunk_gradients(model, inputs, targets, loss_fn, params, len(bounds), create_graph)
+            recorder = _CallRecorder(_WRONG_UNDER_VMAP)
+            with recorder:
+                grads = vmapped_chunk_gradients(model, inputs, targets, loss_fn, params, len(bounds),
+                                                create_graph)
+            if not recorder.seen:
+                _VMAP_VERDICT[model] = True
+                return grads
+            _VMAP_VERDICT[model] = f"calls {', '.join(sorted(recorder.seen))}, whose vmapped double backward is wrong"
+        except Exception as error:  # an op without a batching rule, a data-dependent branch, ...
+            _VMAP_VERDICT[model] = f"{type(error).__name__}: {error}"
+        logger.info("vmap over chunks not used for %s (%s); looping over chunks instead",
+                    type(model).__name__, _VMAP_VERDICT[model])
+    return chunk_gradients(model, inputs, targets, loss_fn, params, bounds, "per_chunk", create_graph)
+
+
 def dense_gradient_table(grads: list[list[Optional[torch.Tensor]]],
                          params: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Drop parameters no chunk reaches (they add nothing to the Gram); zero-fill the rest."""
@@ -98,7 +199,12 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     """GradCosine of one batch; the caller has already put the model in NIO's modes."""
     bounds = chunk_bounds(num_samples(inputs), sub_batches, overlap)
     mode = resolve_mode(mode, model)
-    grads = chunk_gradients(model, inputs, targets, loss_fn, params, bounds, mode, create_graph)
-    gram = ops.gram(dense_gradient_table(grads, params), backend=backend)
+    if mode == "per_chunk":
+        grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph)
+    else:
+        grads = chunk_gradients(model, inputs, targets, loss_fn, params, bounds, mode, create_graph)
+    if isinstance(grads[0], list):
+        grads = dense_gradient_table(grads, params)
+    gram = ops.gram(grads, backend=backend)
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, bounds, mode)
