@@ -120,8 +120,8 @@ def reference_nio(model, batches, loss_fn, names, params, *, iters, sub_batches=
                 elif objective == "gc_gn_sqrt":
                     target = target - mu * sum(norms)
             grads = torch.autograd.grad(target, params, allow_unused=True)
-            history.append({"gradcosine": float(gc), "gnorm": float(gnorm), "constraint": kind == "c",
-                            "objective": float(target)})
+            history.append({"gradcosine": float(gc.detach()), "gnorm": float(gnorm.detach()),
+                            "constraint": kind == "c", "objective": float(target.detach())})
             scales.step(grads, kind)
     return scales.alpha, history
 
@@ -163,7 +163,7 @@ def reference_gradinit(model, batches, loss_fn, names, params, *, iters, gamma=N
                 out = torch.func.functional_call(model, stepped, (torch.cat([a[0], c[0]]),))
                 target = loss_fn(out, torch.cat([a[1], c[1]])) / eta
             grads = torch.autograd.grad(target, params, allow_unused=True)
-            history.append({"loss": float(loss), "gnorm": float(norm), "constraint": kind == "c",
-                            "objective": float(target)})
+            history.append({"loss": float(loss.detach()), "gnorm": float(norm.detach()),
+                            "constraint": kind == "c", "objective": float(target.detach())})
             scales.step(grads, kind)
     return scales.alpha, history
