@@ -1,0 +1,50 @@
+// Python module nio_fast._C: argument conversion and the GIL only; the work
+// is in gram_ops.cpp, tensor_dots.cpp and work_table.cpp.
+#include <torch/extension.h>
+
+#include "cpu_kernels.h"
+#include "gram_ops.h"
+#include "tensor_dots.h"
+#include "work_table.h"
+
+namespace {
+
+bool cuda_compiled() {
+#ifdef NIO_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  using nio_fast::GradientList;
+  m.doc() = "nio_fast C++/CUDA kernels: Gram matrices of gradient lists without concatenation.";
+
+  m.def("gram_forward", &nio_fast::gram_forward, py::arg("grads"), py::call_guard<py::gil_scoped_release>(),
+        "G[i, j] = sum_p <grads[i][p], grads[j][p]> for grads[d][p] (D lists of P tensors). "
+        "float32 result (fp32 accumulation), float64 if any input is float64.");
+  m.def("gram_backward", &nio_fast::gram_backward, py::arg("grads"), py::arg("S"),
+        py::call_guard<py::gil_scoped_release>(),
+        "out[d][p] = sum_j S[d, j] * grads[j][p], each out[d][p] shaped, typed and strided like grads[d][p].");
+  m.def("build_work_table", &nio_fast::build_work_table, py::arg("grads"), py::arg("block"),
+        py::call_guard<py::gil_scoped_release>(),
+        "(addresses int64 [P, D], rows int64 [R, 3] = (tensor, first element, count)) on the grads' device, "
+        "for one dtype group of walkable tensors.");
+  m.def("tensor_dots", &nio_fast::tensor_dots, py::arg("a"), py::arg("b"), py::call_guard<py::gil_scoped_release>(),
+        "float64 [P] tensor of <a[p], b[p]> on the inputs' device.");
+  m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
+
+  // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").
+  m.def("_cpu_kernel_variant", []() { return std::string(nio_fast::cpu::active_kernels().name); });
+  m.def(
+      "_set_cpu_kernel_variant",
+      [](const std::string& name) {
+        TORCH_CHECK_VALUE(nio_fast::cpu::set_kernel_variant(name.c_str()), "_set_cpu_kernel_variant: '", name,
+                          "' is not available here (choose 'auto', 'baseline' or, on AVX2 CPUs, 'avx2')");
+      },
+      py::arg("name"));
+}
