@@ -45,10 +45,12 @@ test: $(STAMP) cuda-check
 	exit $$status
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider --benchmark-only
+	$(BIN)/python -m pytest benchmarks -q -p no:cacheprovider
 
-gpu-check: $(STAMP)
-	$(BIN)/python benchmarks/gpu_check.py
+# On a GPU machine (no network there): the system's CUDA build of torch, no .venv; the script
+# builds the extension in place itself.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf build *.egg-info nio_fast/_C*.so .pytest_cache .benchmarks

@@ -1,0 +1,96 @@
+"""Shared benchmark plumbing: machine description, timing of a callable, results files.
+
+Timings on these machines are noisy, so every comparison is a ratio of medians measured side by
+side in one process, and every results file names the machine, the versions and the date.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+sys.path.append(str(ROOT / "tests"))  # the reference implementation lives with the tests
+
+
+def machine() -> dict:
+    """Where and with what a result was measured."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip() or None,
+    }
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn: Callable[[], object], rounds: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``rounds`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def write_results(name: str, rows: list[dict], columns: list[str], title: str, notes: str = "") -> Path:
+    """Write ``results/<name>.json`` (machine + rows) and ``results/<name>.md`` (a table)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": info, "rows": rows}, indent=1) + "\n")
+    lines = [f"# {title}", "", f"Measured {info['date']} on {info['cpu']} ({info['cores']} cores"
+             + (f", {info['gpu']}" if info["gpu"] else "") + f"), torch {info['torch']}, triton {info['triton']}, "
+             f"Python {info['python']}, commit {info['commit']}.", ""]
+    if notes:
+        lines += [notes, ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(column)) for column in columns) + " |")
+    path = RESULTS / f"{name}.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)

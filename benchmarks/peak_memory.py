@@ -1,0 +1,52 @@
+"""Peak resident memory of one NIO iteration, measured in a fresh process.
+
+    python benchmarks/peak_memory.py MODEL IMPLEMENTATION D [--batch N]
+
+prints one JSON line: the resident set after building the model and the batch, the peak
+after one iteration (reference, nio_fast) or training step (step), and their difference. A
+fresh process per measurement: ru_maxrss only ever grows, so nothing else may have run before.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
+import torch  # noqa: E402
+
+from networks import images, make  # noqa: E402
+from test_iteration import nio_fast_iteration, reference_iteration, training_step  # noqa: E402
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("model")
+    parser.add_argument("implementation", choices=("step", "reference", "nio_fast"))
+    parser.add_argument("sub_batches", type=int)
+    parser.add_argument("--batch", type=int, default=64)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # thread-pool buffers would otherwise blur small differences
+    model, batch = make(args.model), images(args.batch)
+    import nio_fast  # noqa: F401  (import cost and the extension are part of the baseline)
+    baseline = resident_mb()
+    if args.implementation == "step":
+        training_step(model, batch)
+    elif args.implementation == "reference":
+        reference_iteration(model, batch, args.sub_batches)
+    else:
+        nio_fast_iteration(model, batch, args.sub_batches)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak, "extra_mb": peak - baseline}))
+
+
+if __name__ == "__main__":
+    main()

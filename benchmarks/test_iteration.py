@@ -1,0 +1,59 @@
+"""Seconds per NIO iteration: the spec's reference against nio_fast, and one training step.
+
+`make bench` runs these; `benchmarks/report.py` turns the medians into ratios (reference /
+nio_fast, nio_fast / training step) in benchmarks/results/iteration.{json,md,png}.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nio_fast
+from networks import images, make
+from reference import reference_nio
+
+BATCH = 64
+D_SWEEP = (2, 4, 8, 16)
+CASES = [(model, BATCH, d) for model in ("resnet20_gn", "resnet20_bn", "vit_small") for d in D_SWEEP]
+CASES += [("resnet20_gn", 16, 16), ("resnet20_gn", 128, 4)]  # per-sample (D = N), and a larger batch
+STEP_CASES = sorted({(model, batch) for model, batch, _ in CASES})
+ROUNDS = 3
+
+
+def training_step(model, batch):
+    model.train()
+    inputs, targets = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    torch.autograd.grad(F.cross_entropy(model(inputs), targets), params)
+
+
+def reference_iteration(model, batch, sub_batches):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    reference_nio(model, [batch], F.cross_entropy, [n for n, _ in named], [p for _, p in named], iters=1,
+                  sub_batches=sub_batches)
+
+
+def nio_fast_iteration(model, batch, sub_batches):
+    nio_fast.initialize(model, batch, iters=1, sub_batches=sub_batches, progress=False)
+
+
+@pytest.mark.parametrize("model_name,batch_size", STEP_CASES)
+def test_training_step(benchmark, record, model_name, batch_size):
+    batch, model = images(batch_size), make(model_name)
+    benchmark.group = f"{model_name} N={batch_size} training step"
+    benchmark.pedantic(lambda: training_step(model, batch), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    record("iteration", model=model_name, batch=batch_size, D=None, implementation="step",
+           seconds=benchmark.stats.stats.median)
+
+
+@pytest.mark.parametrize("implementation", ("reference", "nio_fast"))
+@pytest.mark.parametrize("model_name,batch_size,sub_batches", CASES)
+def test_iteration(benchmark, record, model_name, batch_size, sub_batches, implementation):
+    batch, model = images(batch_size), make(model_name)
+    iteration = reference_iteration if implementation == "reference" else nio_fast_iteration
+    run = lambda: iteration(model, batch, sub_batches)  # noqa: E731
+    benchmark.group = f"{model_name} N={batch_size} D={sub_batches}"
+    benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    record("iteration", model=model_name, batch=batch_size, D=sub_batches, implementation=implementation,
+           seconds=benchmark.stats.stats.median)

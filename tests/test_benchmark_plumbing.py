@@ -1,0 +1,134 @@
+"""The benchmark plumbing without a GPU: benchmarks/gpu_check.py end to end in its dry run, and
+the pieces it and benchmarks/test_gram.py rest on (shapes, JUnit counts, ratios, exit status)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+
+import gpu_check  # noqa: E402
+import report  # noqa: E402
+from gradient_shapes import MODEL_SHAPES, gradient_lists, num_values  # noqa: E402
+
+
+def test_gradient_shapes_match_torchvision_parameter_counts():
+    assert (len(MODEL_SHAPES["resnet50"]), num_values("resnet50")) == (161, 25_557_032)
+    assert (len(MODEL_SHAPES["vit_b_16"]), num_values("vit_b_16")) == (152, 86_567_656)
+    assert MODEL_SHAPES["vit_b_16"][2 + 2] == (768,)  # ln_1 weight of the first encoder layer
+    assert MODEL_SHAPES["resnet50"][-2:] == [(1000, 2048), (1000,)]
+
+
+def test_gradient_lists_layout_and_shared_component():
+    generator = torch.Generator().manual_seed(0)
+    grads = gradient_lists("tiny", 3, torch.float64, "cpu", generator, shared=0.5, requires_grad=True)
+    assert len(grads) == 3 and all(len(row) == len(MODEL_SHAPES["tiny"]) for row in grads)
+    assert all(t.shape == shape and t.dtype == torch.float64 and t.requires_grad and t.is_leaf
+               for row in grads for t, shape in zip(row, MODEL_SHAPES["tiny"]))
+    assert len({t.data_ptr() for row in grads for t in row}) == 3 * len(MODEL_SHAPES["tiny"])  # own allocations
+    flat = torch.stack([torch.cat([t.detach().reshape(-1) for t in row]) for row in grads])
+    gram = flat @ flat.T
+    cosine = gram[0, 1] / math.sqrt(gram[0, 0] * gram[1, 1])
+    assert 0.3 < cosine < 0.7  # about the shared half
+
+
+def test_junit_summary_counts_failures_errors_and_skip_reasons(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(textwrap.dedent("""\
+        <?xml version="1.0" encoding="utf-8"?>
+        <testsuites><testsuite name="pytest" tests="5">
+          <testcase classname="tests.test_a" name="test_ok"/>
+          <testcase classname="tests.test_a.TestCUDA" name="test_fails"><failure message="assert 1 == 2">x</failure></testcase>
+          <testcase classname="tests.test_a" name="test_breaks"><error message="fixture broke">y</error></testcase>
+          <testcase classname="tests.test_a" name="test_gpu"><skipped message="needs a CUDA GPU (and TRITON_INTERPRET unset)"/></testcase>
+          <testcase classname="tests.test_a" name="test_gpu2"><skipped message="needs a CUDA GPU (and TRITON_INTERPRET unset)"/></testcase>
+        </testsuite></testsuites>
+        """))
+    summary = gpu_check.summarize_junit(junit)
+    assert {k: summary[k] for k in ("tests", "passed", "failed", "errors", "skipped")} == {
+        "tests": 5, "passed": 1, "failed": 1, "errors": 1, "skipped": 2}
+    assert summary["skip_reasons"] == {"needs a CUDA GPU (and TRITON_INTERPRET unset)": 2}
+    assert [f["test"] for f in summary["failing"]] == ["tests.test_a.TestCUDA::test_fails", "tests.test_a::test_breaks"]
+
+
+def test_exit_status_puts_correctness_before_incomplete_steps():
+    base = {"steps": {"tests": {"status": "ok"}, "gram": {"status": "skipped"}}, "correctness_failures": []}
+    assert gpu_check.exit_status(base) == 0
+    assert gpu_check.exit_status({**base, "steps": {"gram": {"status": "out of time"}}}) == 2
+    assert gpu_check.exit_status({**base, "fatal": "no CUDA device"}) == 2
+    assert gpu_check.exit_status({**base, "correctness_failures": ["x"], "steps": {"gram": {"status": "error"}}}) == 1
+
+
+def test_gram_rows_put_the_reference_beside_each_backend():
+    common = {"model": "resnet50", "D": 2, "device": "cpu", "dtype": "float32", "rounds": 3, "gradient_bytes": 10**9}
+    rows = [{**common, "direction": "forward", "backend": "cpp", "seconds": 0.5},
+            {**common, "direction": "forward", "backend": "torch", "seconds": 2.0},
+            {**common, "direction": "forward+backward", "backend": "cpp", "seconds": 1.0}]
+    table = report._gram_rows(rows)
+    assert [(r["direction"], r["backend"]) for r in table] == [
+        ("forward", "torch"), ("forward", "cpp"), ("forward+backward", "cpp")]
+    assert table[0]["torch / backend"] == 1.0 and table[1]["torch / backend"] == 4.0
+    assert table[2]["torch / backend"] is None  # no reference timed for that direction
+    assert table[1]["D·m GB/s"] == 2.0
+
+
+def test_gpu_check_dry_run_writes_its_report(tmp_path):
+    """The whole script on tiny sizes: every step runs and the files hold every number."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--out", str(tmp_path)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout[-6000:] + result.stderr[-3000:]
+    assert result.returncode == 0, output
+
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert written["mode"] == "dry-run" and written["exit_status"] == 0
+    assert {"date", "torch", "python", "cpu", "commit"} <= set(written["machine"])
+    assert all(step["status"] == "ok" for step in written["steps"].values()), written["steps"]
+    assert list(written["steps"]) == list(gpu_check.STEPS)
+
+    tests = written["tests"]
+    assert tests["passed"] > 0 and tests["failed"] == tests["errors"] == 0
+
+    bandwidth = written["bandwidth"]
+    assert bandwidth["copy"]["bytes_per_second"] > 0
+    rows = bandwidth["rows"]
+    assert {r["backend"] for r in rows} >= {"torch", "cpp"}
+    assert {r["dtype"] for r in rows} == {"float32", "bfloat16"}
+    assert all(r["correct"] and r["forward_fraction"] > 0 and r["backward_fraction"] > 0 for r in rows)
+    assert all("kernel_forward_fraction" in r for r in rows if r["backend"] != "torch")
+
+    assert {(r["backend"], r["direction"]) for r in written["gram"]} >= {
+        (backend, direction) for backend in ("torch", "cpp") for direction in ("forward", "forward+backward")}
+    assert all(r["median s"] > 0 for r in written["gram"])
+    assert {r["backend"] for r in written["gram_memory"]} >= {"torch", "cpp"}
+    assert written["torchvision"]["rows"] and written["torchvision"]["rows"][0]["nio_fast s"] > 0
+    assert written["iteration"] and written["iteration"][0]["step s"] > 0
+
+    markdown = (tmp_path / "gpu_check.md").read_text()
+    for heading in ("**Result: PASS**", "## Correctness tests", "## Bandwidth", "## Gram benchmarks",
+                    "## Gram extra memory", "## NIO iteration on torchvision", "## Iteration benchmarks"):
+        assert heading in markdown
+    assert (tmp_path / "gpu_check.log").stat().st_size > 0
+    for table in ("gram", "gram_memory", "iteration"):  # redirected: benchmarks/results is left alone
+        assert (tmp_path / "gpu_check" / f"{table}.md").exists()
+
+
+def test_gpu_check_without_a_gpu_refuses_a_full_run(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    written = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "no CUDA device" in written["fatal"] and "INCOMPLETE" in (tmp_path / "gpu_check.md").read_text()
