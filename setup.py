@@ -54,9 +54,8 @@ def want_cuda_build() -> bool:
     reasons = []
     if torch.version.cuda is None:
         reasons.append(f"torch {torch.__version__} is not a CUDA build (torch.version.cuda is None)")
-    nvcc = find_nvcc()
-    if nvcc is None or cpp_extension.CUDA_HOME is None:
-        reasons.append("no CUDA toolkit found (nvcc not on PATH, CUDA_HOME unset)")
+    elif find_nvcc() is None or cpp_extension.CUDA_HOME is None:
+        reasons.append("no CUDA toolkit found (nvcc not on PATH and CUDA_HOME unset)")
     if not reasons:
         return True
 
