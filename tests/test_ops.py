@@ -104,3 +104,21 @@ def test_nio_on_a_fused_backend_equals_the_torch_backend(backend):
                                  progress=False)
     for name, scale in theirs.scales.items():
         assert ours.scales[name] == pytest.approx(scale, rel=1e-9), name
+
+
+def test_a_missing_extension_falls_back_to_torch_with_one_warning(monkeypatch):
+    import warnings
+    monkeypatch.setattr(availability, "_load_extension", lambda: (None, "ImportError: simulated"))
+    monkeypatch.setattr(availability, "_warned_missing_extension", False)
+    grads = random_grads(3, SHAPES, requires_grad=False)
+    with pytest.warns(RuntimeWarning, match="nio_fast._C is unavailable .ImportError: simulated.; falling back"):
+        assert availability.default_backend(CPU) == "torch"
+        result = ops.gram(grads)
+    torch.testing.assert_close(result, ops.gram(grads, backend="torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the warning is given once, not per call
+        ops.gram(grads)
+    assert not nio_fast.backends()["cpp"]["available"]
+    assert "simulated" in nio_fast.backends()["cpp"]["reason"]
+    with pytest.raises(RuntimeError, match="backend='cpp' cannot run on cpu: ImportError: simulated"):
+        ops.gram(grads, backend="cpp")
