@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .algorithms.batching import BatchStream, num_samples, to_device, unpack_batch
 from .algorithms.gradcosine import MODES, GradCosineResult, LossFn, evaluate_gradcosine
 from .algorithms.gradinit import INNER_OPTIMIZERS, run_gradinit
@@ -100,14 +101,23 @@ def _check_backend(backend: Any) -> None:
     _require_choice("backend", backend, ("auto",) + BACKEND_NAMES)
 
 
-def _check_batch_size(inputs: Any, sub_batches: int, arg: str) -> None:
+def _check_batch_size(inputs: Any, chunks: int, arg: str, what: Optional[str] = None) -> int:
     size = num_samples(inputs, arg)
-    _require(size >= sub_batches, f"{arg}: has {size} samples, fewer than sub_batches={sub_batches}")
+    _require(size >= chunks, f"{arg}: has {size} samples, fewer than {what or 'sub_batches'}={chunks}")
+    return size
+
+
+def _check_local_batch_size(inputs: Any, group: Any, sub_batches: int, arg: str) -> int:
+    """Every chunk non-empty; in a distributed run this rank forms sub_batches / world size of them."""
+    if group is None:
+        return _check_batch_size(inputs, sub_batches, arg)
+    return _check_batch_size(inputs, distributed.local_chunks(group, sub_batches), f"{arg} (this rank's part)",
+                             "sub_batches / world size")
 
 
 def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *, sub_batches: int = 2,
                overlap: float = 0.0, params: ParamsArg = None, mode: str = "auto",
-               create_graph: bool = False, backend: str = "auto") -> GradCosineResult:
+               create_graph: bool = False, backend: str = "auto", process_group: Any = None) -> GradCosineResult:
     """GradCosine of ``model`` on one batch: the mean pairwise cosine of sub-batch gradients.
 
     Args:
@@ -121,18 +131,40 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
             ``"auto"`` (per_chunk unless a BatchNorm couples samples; never changes the value).
         create_graph: keep the graph so the result can be differentiated.
         backend: Gram backend, see :func:`nio_fast.ops.gram`.
+        process_group: a ``torch.distributed`` process group; None uses the default group when
+            torch.distributed is initialised (a DDP model's own group when it has one). Then
+            every rank calls this with its own part of the global batch (``nio_fast.distributed``):
+            ``sub_batches`` must be a multiple of the world size, ``overlap`` 0, and the result
+            (the Gram of all D chunks, ``chunks`` as ranges of the global batch) is the same on
+            every rank. Every rank of the group must call it (to measure on one rank alone, pass
+            a group of that rank only). With ``create_graph=True`` every rank must differentiate
+            the result (its backward exchanges data), and gets its own chunks' part of the gradient.
 
     Returns:
         :class:`GradCosineResult` with ``value``, ``norms``, ``gram``, ``cosine``, ``chunks``.
     """
-    names, tensors = select_parameters(model, params)
-    _check_sampling(sub_batches, overlap, mode)
-    _check_backend(backend)
-    inputs, targets = to_device(unpack_batch(batch), tensors[0].device)
-    _check_batch_size(inputs, sub_batches, "batch")
-    with nio_modes(model):
-        return evaluate_gradcosine(model, inputs, targets, loss_fn or F.cross_entropy, tensors, sub_batches,
-                                   overlap, mode, create_graph, backend)
+    group = distributed.resolve_group(process_group, model)
+    model = distributed.unwrap(model)
+    with distributed.agreement(group) as notes:
+        names, tensors = select_parameters(model, params)
+        _check_sampling(sub_batches, overlap, mode)
+        _check_backend(backend)
+        distributed.check_chunking(group, sub_batches, overlap)
+        inputs, targets = to_device(unpack_batch(batch), tensors[0].device)
+        notes.batch_size(_check_local_batch_size(inputs, group, sub_batches, "batch"))
+        notes.settings(dict(sub_batches=sub_batches, overlap=overlap, mode=mode, create_graph=create_graph,
+                            backend=backend), names, tensors)
+    loss_fn = loss_fn or F.cross_entropy
+    if group is None:
+        with nio_modes(model):
+            return evaluate_gradcosine(model, inputs, targets, loss_fn, tensors, sub_batches, overlap, mode,
+                                       create_graph, backend)
+    run = distributed.DistributedRun(group, tensors, sub_batches, notes.sizes)
+    with nio_modes(model), run.step(distributed.GRADCOSINE_PLAN):
+        result = evaluate_gradcosine(model, inputs, targets, loss_fn, tensors, sub_batches, overlap, mode,
+                                     create_graph, backend, distributed=run)
+    run.check_gradcosine()
+    return result
 
 
 def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *, method: str = "nio",
@@ -140,7 +172,7 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
                lr: float = 0.05, min_scale: float = 0.01, grad_clip: Optional[float] = 1.0,
                objective: str = "gc", mu: float = 1.0, mode: str = "auto", progress: bool = True,
                seed: Optional[int] = None, inner: str = "sgd", eta: float = 0.1, params: ParamsArg = None,
-               backend: str = "auto") -> InitReport:
+               backend: str = "auto", process_group: Any = None) -> InitReport:
     """Rescale every parameter tensor of ``model`` in place for a better start; return a report.
 
     ``method="nio"`` learns one positive scale per tensor that maximises GradCosine while
@@ -165,7 +197,50 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
         inner, eta: GradInit's inner optimizer (``"sgd"`` or ``"adam"``) and its step size.
         params: names or tensors to scale (default: every trainable parameter).
         backend: Gram backend, see :func:`nio_fast.ops.gram`.
+        process_group: a ``torch.distributed`` process group; None uses the default group when
+            torch.distributed is initialised (a DDP model's own group when it has one); a group
+            of one rank runs alone. In a distributed run every rank calls ``initialize`` with the
+            same arguments, the same initial parameters (DDP ensures it) and ``data`` yielding
+            its own part of each global batch; ``sub_batches`` must be a multiple of the world
+            size and ``overlap`` 0; NIO only. Every rank applies the same scales and returns the
+            same report; only rank 0 shows progress. See ``nio_fast.distributed``.
     """
+    group = distributed.resolve_group(process_group, model)
+    model = distributed.unwrap(model)  # a DDP model runs through its module (nio_fast.distributed)
+    with contextlib.ExitStack() as run_context:
+        with distributed.agreement(group) as notes:
+            names, tensors, settings = _check_initialize_arguments(
+                model, params, method=method, iters=iters, sub_batches=sub_batches, overlap=overlap, gamma=gamma,
+                lr=lr, min_scale=min_scale, grad_clip=grad_clip, objective=objective, mu=mu, mode=mode, seed=seed,
+                inner=inner, eta=eta, backend=backend, loss_fn=loss_fn, group=group)
+            notes.settings(settings, names, tensors)
+            device = tensors[0].device
+            if seed is not None:  # run under this seed, the caller's RNG untouched
+                run_context.enter_context(torch.random.fork_rng(devices=[device] if device.type == "cuda" else []))
+                torch.manual_seed(seed)
+            stream = BatchStream(data, device)
+            first = stream.peek()[0]
+            if method == "nio":
+                notes.batch_size(_check_local_batch_size(first, group, sub_batches, "data (its first batch)"))
+            else:
+                _check_batch_size(first, 1, "data (its first batch)")
+        common = dict(iters=iters, gamma=gamma, lr=lr, min_scale=min_scale, grad_clip=grad_clip,
+                      progress=progress and distributed.is_main_rank(group), settings=settings)
+        if method == "nio":
+            run = distributed.DistributedRun(group, tensors, sub_batches) if group is not None else None
+            return run_nio(model, stream, loss_fn or F.cross_entropy, names, tensors, sub_batches=sub_batches,
+                           overlap=overlap, objective=objective, mu=mu, mode=mode, backend=backend,
+                           distributed=run, **common)
+        return run_gradinit(model, stream, loss_fn or F.cross_entropy, names, tensors, inner=inner, eta=eta,
+                            **common)
+
+
+def _check_initialize_arguments(model: nn.Module, params: ParamsArg, *, method: str, iters: int,
+                                sub_batches: int, overlap: float, gamma: Optional[float], lr: float,
+                                min_scale: float, grad_clip: Optional[float], objective: str, mu: float,
+                                mode: str, seed: Optional[int], inner: str, eta: float, backend: str,
+                                loss_fn: Any, group: Any) -> tuple[list[str], list[nn.Parameter], dict]:
+    """Every check of ``initialize``'s arguments; returns the selected tensors and the settings."""
     names, tensors = select_parameters(model, params)
     _require_choice("method", method, METHODS)
     _require_int("iters", iters, 1)
@@ -184,21 +259,12 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
 
+    if group is not None:
+        _require(method == "nio", f"method: distributed runs support 'nio' only, got {method!r}")
+        distributed.check_chunking(group, sub_batches, overlap)
     settings = dict(method=method, iters=iters, sub_batches=sub_batches, overlap=overlap, gamma=gamma, lr=lr,
                     min_scale=min_scale, grad_clip=grad_clip, objective=objective, mu=mu, mode=mode,
                     seed=seed, inner=inner, eta=eta, backend=backend, num_tensors=len(tensors))
-    device = tensors[0].device
-    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) \
-        if seed is not None else contextlib.nullcontext()
-    with rng:
-        if seed is not None:
-            torch.manual_seed(seed)
-        stream = BatchStream(data, device)
-        _check_batch_size(stream.peek()[0], sub_batches if method == "nio" else 1, "data (its first batch)")
-        common = dict(iters=iters, gamma=gamma, lr=lr, min_scale=min_scale, grad_clip=grad_clip,
-                      progress=progress, settings=settings)
-        if method == "nio":
-            return run_nio(model, stream, loss_fn or F.cross_entropy, names, tensors, sub_batches=sub_batches,
-                           overlap=overlap, objective=objective, mu=mu, mode=mode, backend=backend, **common)
-        return run_gradinit(model, stream, loss_fn or F.cross_entropy, names, tensors, inner=inner, eta=eta,
-                            **common)
+    if group is not None:
+        settings["world_size"] = torch.distributed.get_world_size(group)
+    return names, tensors, settings

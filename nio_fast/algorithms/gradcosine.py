@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import ops
 from .batching import call_model, chunk_bounds, num_samples, slice_rows
 from .model_state import couples_samples
+
+if TYPE_CHECKING:
+    from ..distributed import DistributedRun
 
 logger = logging.getLogger("nio_fast")
 
@@ -195,16 +198,26 @@ def dense_gradient_table(grads: list[list[Optional[torch.Tensor]]],
 
 def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                         params: Sequence[torch.Tensor], sub_batches: int, overlap: float, mode: str,
-                        create_graph: bool, backend: str = "auto") -> GradCosineResult:
-    """GradCosine of one batch; the caller has already put the model in NIO's modes."""
-    bounds = chunk_bounds(num_samples(inputs), sub_batches, overlap)
+                        create_graph: bool, backend: str = "auto",
+                        distributed: Optional["DistributedRun"] = None) -> GradCosineResult:
+    """GradCosine of one batch; the caller has already put the model in NIO's modes.
+
+    With ``distributed``, ``inputs`` is this rank's part of the global batch: it forms its
+    D / W chunks and the Gram covers every rank's (``nio_fast.distributed``).
+    """
+    chunks_here = sub_batches if distributed is None else distributed.local_chunks
+    bounds = chunk_bounds(num_samples(inputs), chunks_here, overlap)
     mode = resolve_mode(mode, model)
     if mode == "per_chunk":
         grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph)
     else:
         grads = chunk_gradients(model, inputs, targets, loss_fn, params, bounds, mode, create_graph)
-    if isinstance(grads[0], list):
-        grads = dense_gradient_table(grads, params)
-    gram = ops.gram(grads, backend=backend)
+    if distributed is not None:
+        gram = distributed.gram(grads)  # the sharded exchange; None entries count as zeros
+        bounds = distributed.chunk_ranges(bounds)
+    else:
+        if isinstance(grads[0], list):
+            grads = dense_gradient_table(grads, params)
+        gram = ops.gram(grads, backend=backend)
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, bounds, mode)

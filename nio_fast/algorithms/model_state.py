@@ -4,17 +4,23 @@ NIO.md step 1: dropout off (eval mode), but every BatchNorm computes batch stati
 without reading or updating its running buffers. ``track_running_stats=False`` alone is not
 enough for a layer in eval mode that has buffers, so each BatchNorm is put in training
 behaviour with ``track_running_stats=False``; ``F.batch_norm`` then gets no buffers at all.
-Attention runs under the math SDPA backend, the only one with a double backward.
+Attention runs under the math SDPA backend, the only one with a double backward. A
+SyncBatchNorm computes the statistics of its own rank's samples, like a BatchNorm: its
+synchronised forward has no double backward (and runs only on GPUs).
 """
 from __future__ import annotations
 
 import contextlib
+import types
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+_MISSING = object()
 
 
 def batch_norm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -31,11 +37,15 @@ def nio_modes(model: nn.Module) -> Iterator[None]:
     """Eval mode, BatchNorm on batch statistics, math attention; every flag restored on exit."""
     training = [(module, module.training) for module in model.modules()]
     tracking = [(layer, layer.track_running_stats) for layer in batch_norm_layers(model)]
+    synced = [(layer, layer.__dict__.get("forward", _MISSING)) for layer, _ in tracking
+              if isinstance(layer, nn.SyncBatchNorm)]
     try:
         model.eval()
         for layer, _ in tracking:
             layer.training = True
             layer.track_running_stats = False
+        for layer, _ in synced:  # per-rank statistics: the synchronised forward has no double backward
+            layer.forward = types.MethodType(_BatchNorm.forward, layer)
         with sdpa_kernel(SDPBackend.MATH):
             yield
     finally:
@@ -43,6 +53,11 @@ def nio_modes(model: nn.Module) -> Iterator[None]:
             module.training = was_training
         for layer, was_tracking in tracking:
             layer.track_running_stats = was_tracking
+        for layer, forward in synced:
+            if forward is _MISSING:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 class ParameterSnapshot:

@@ -1,7 +1,7 @@
 """NIO: scales that maximise GradCosine under a gradient-norm bound (NIO.md, "One NIO iteration")."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -11,6 +11,9 @@ from .gradcosine import LossFn, evaluate_gradcosine
 from .report import InitReport
 from .scale_optimizer import CONSTRAINT, OBJECTIVE
 from .scale_search import IterationOutcome, logger, run_scale_search
+
+if TYPE_CHECKING:
+    from ..distributed import DistributedRun
 
 OBJECTIVES = ("gc", "gc_gn", "gc_gn_sqrt")
 
@@ -28,18 +31,22 @@ def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Seque
             params: Sequence[nn.Parameter], *, iters: int, sub_batches: int, overlap: float,
             gamma: Optional[float], lr: float, min_scale: float, grad_clip: Optional[float],
             objective: str, mu: float, mode: str, progress: bool, backend: str,
-            settings: dict[str, Any]) -> InitReport:
-    """The NIO loop. Arguments are already validated by ``nio_fast.initialize``."""
+            settings: dict[str, Any], distributed: Optional["DistributedRun"] = None) -> InitReport:
+    """The NIO loop. Arguments are already validated by ``nio_fast.initialize``.
+
+    With ``distributed``, ``stream`` yields this rank's part of each global batch.
+    """
     bound: dict[str, torch.Tensor] = {}
+    chunks_here = sub_batches if distributed is None else distributed.local_chunks
 
     def iteration(index: int) -> IterationOutcome:
         inputs, targets = next(stream)
-        if num_samples(inputs) < sub_batches:
+        if num_samples(inputs) < chunks_here:
             # A short last batch of a DataLoader: chunks would be empty. Take the next one.
-            logger.debug("skipping a batch of %d samples (< %d sub-batches)", num_samples(inputs), sub_batches)
+            logger.debug("skipping a batch of %d samples (< %d chunks)", num_samples(inputs), chunks_here)
             inputs, targets = next(stream)
         result = evaluate_gradcosine(model, inputs, targets, loss_fn, params, sub_batches, overlap,
-                                     mode, create_graph=True, backend=backend)
+                                     mode, create_graph=True, backend=backend, distributed=distributed)
         gnorm = result.gnorm
         if "gamma" not in bound:  # gamma=None: the mean chunk norm on the first batch
             bound["gamma"] = gnorm.detach() if gamma is None else torch.as_tensor(gamma, device=gnorm.device)
@@ -51,7 +58,8 @@ def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Seque
                                               "objective": objective_value})
 
     report = run_scale_search("nio", model, names, params, iteration, iters=iters, lr=lr,
-                              min_scale=min_scale, grad_clip=grad_clip, progress=progress, settings=settings)
+                              min_scale=min_scale, grad_clip=grad_clip, progress=progress, settings=settings,
+                              distributed=distributed)
     if "gamma" in bound:
         report.gamma = float(bound["gamma"])
     return report

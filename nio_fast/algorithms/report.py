@@ -24,6 +24,9 @@ class InitReport:
     stop_reason: Optional[str] = None
     seconds: float = 0.0
     settings: dict[str, Any] = field(default_factory=dict)
+    distributed: Optional[dict[str, Any]] = None
+    """A distributed run's communication: world_size, backend, bytes_sent (by each rank, to
+    collectives), bytes_per_iteration, collective_calls, gradient_numel (m). None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""

@@ -37,6 +37,10 @@ class ScaleStep:
     second_moment: torch.Tensor
     steps: torch.Tensor
 
+    def state(self) -> torch.Tensor:
+        """Everything the step leaves behind, as one vector (compared across ranks in debug mode)."""
+        return torch.cat([self.scales, self.first_moments.reshape(-1), self.second_moment, self.steps])
+
 
 class ScaleAdam:
     """Adam on one scale per tensor, with NIO's two step kinds.

@@ -11,7 +11,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,6 +20,9 @@ from tqdm.auto import tqdm
 from .model_state import ParameterSnapshot, nio_modes
 from .report import InitReport
 from .scale_optimizer import ScaleAdam, apply_scales, lower_bounds_for, scale_gradients
+
+if TYPE_CHECKING:
+    from ..distributed import DistributedRun
 
 logger = logging.getLogger("nio_fast")
 
@@ -44,11 +47,34 @@ def scale_state_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float32 if params[0].device.type == "mps" else torch.float64
 
 
+def _scale_gradients(iteration: IterationFn, index: int, initial: Sequence[torch.Tensor],
+                     distributed: Optional["DistributedRun"]) -> tuple[IterationOutcome, torch.Tensor,
+                                                                       Optional[torch.Tensor]]:
+    """One iteration's outcome and its scale gradients s (NIO.md step 3).
+
+    Distributed: each rank's s holds its own chunks' part, so s is summed over ranks, with the
+    [W] failure flags of the iteration (also returned) riding along; a rank that raises in here
+    still takes part in the iteration's remaining collectives.
+    """
+    if distributed is None:
+        outcome = iteration(index)
+        return outcome, scale_gradients(outcome.grads, initial), None
+    with distributed.nio_step():
+        outcome = iteration(index)
+        grads, flags = distributed.reduce_scale_gradients(scale_gradients(outcome.grads, initial))
+    return outcome, grads, flags
+
+
 def run_scale_search(method: str, model: nn.Module, names: Sequence[str], params: Sequence[nn.Parameter],
                      iteration: IterationFn, *, iters: int,
                      lr: float, min_scale: float, grad_clip: Optional[float], progress: bool,
-                     settings: dict) -> InitReport:
-    """Run ``iters`` iterations of ``iteration`` and return the report."""
+                     settings: dict, distributed: Optional["DistributedRun"] = None) -> InitReport:
+    """Run ``iters`` iterations of ``iteration`` and return the report.
+
+    With ``distributed`` every rank runs this loop in step: the scale gradients are summed over
+    ranks, so every rank applies the same update; a rank that raises makes every rank raise
+    (``nio_fast.distributed``).
+    """
     started = time.perf_counter()
     device = params[0].device
     dtype = scale_state_dtype(params)
@@ -62,14 +88,17 @@ def run_scale_search(method: str, model: nn.Module, names: Sequence[str], params
     try:
         with nio_modes(model):
             for index in range(iters):
-                outcome = iteration(index)
-                proposal = optimizer.propose(scale_gradients(outcome.grads, initial), outcome.kind)
+                outcome, grads, flags = _scale_gradients(iteration, index, initial, distributed)
+                proposal = optimizer.propose(grads, outcome.kind)
                 del outcome.grads  # frees the iteration's graphs before the next forward
                 names_in_order = list(outcome.stats)
                 values = torch.stack([outcome.stats[key].detach().to(dtype) for key in names_in_order]
                                      + [torch.as_tensor(outcome.kind, device=device).to(dtype)])
                 finite = torch.isfinite(values).all() & torch.isfinite(proposal.scales).all()
-                numbers = torch.cat([values, finite.to(dtype)[None]]).tolist()  # the one host sync
+                flag_part = [flags.to(dtype)] if flags is not None else []  # distributed: [W] failure flags
+                numbers = torch.cat([values, finite.to(dtype)[None], *flag_part]).tolist()  # the one host sync
+                if distributed is not None:  # another rank's failure raises here; debug mode compares ranks
+                    numbers = distributed.check_iteration(index, numbers, proposal.state())
                 record = dict(zip(names_in_order, numbers))
                 record["constraint"] = numbers[-2] == 0  # CONSTRAINT == 0
                 if not numbers[-1]:
@@ -93,6 +122,9 @@ def run_scale_search(method: str, model: nn.Module, names: Sequence[str], params
         bar.close()
     report.scales = dict(zip(names, optimizer.scales.tolist()))
     report.seconds = time.perf_counter() - started
+    if distributed is not None:  # every rank returns the same report
+        report.distributed = distributed.summary()
+        report.seconds = distributed.agree_on_seconds(report.seconds)
     logger.info("%s: %d iterations in %.2f s%s", method, report.iterations, report.seconds,
                 f" (stopped early: {report.stop_reason})" if report.stopped_early else "")
     return report
