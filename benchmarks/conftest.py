@@ -25,11 +25,15 @@ def record():
     """``record(table, **row)``: keep one result row for the table written at session end."""
     def add(table: str, **row):
         _TABLES[table].append(row)
+        _write()  # after every row: an interrupted run still leaves what it measured
     return add
 
 
-def pytest_sessionfinish(session, exitstatus):
-    if not _TABLES:
-        return
+def _write():
     from report import write_tables
     write_tables(dict(_TABLES), machine())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _TABLES:
+        _write()
