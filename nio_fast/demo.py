@@ -138,7 +138,8 @@ def _layout(config: DemoConfig) -> str:
     return MODELS[config.model][1]
 
 
-def _apply_fmp(model: nn.Module, s: float, seed: int) -> None:
+def apply_fmp(model: nn.Module, s: float, seed: int) -> None:
+    """Redraw every Linear/Conv2d weight with the fractional moment std for ReLU inputs (biases zeroed)."""
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -151,7 +152,7 @@ def _initialize(config: DemoConfig, method: str, model: nn.Module, seed: int,
     if method == "default":
         return None, None
     if method == "fmp":
-        _apply_fmp(model, config.fmp_s, seed)
+        apply_fmp(model, config.fmp_s, seed)
         return None, None
     before = nio_fast.gradcosine(model, gradcosine_batch).value.item()
     data = digits_loader("train", _layout(config), batch_size=config.batch_size,
@@ -161,15 +162,23 @@ def _initialize(config: DemoConfig, method: str, model: nn.Module, seed: int,
     return before, report.to_dict()
 
 
-def _train(config: DemoConfig, model: nn.Module, seed: int, train_set, on_step: Callable[[], None]):
-    """SGD for config.steps steps; returns (per-step losses, full train loss after early_step)."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    loader = digits_loader("train", _layout(config), batch_size=config.batch_size, seed=seed)
+def train_for_steps(model: nn.Module, loader, optimizer: torch.optim.Optimizer, steps: int, *,
+                    early_step: int, early_eval_set: tuple[torch.Tensor, torch.Tensor],
+                    on_step: Callable[[], None] = lambda: None,
+                    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None) -> tuple[list[float], float]:
+    """Train ``model`` for ``steps`` optimizer steps on batches from ``loader`` (cycled).
+
+    ``scheduler``, if given, is stepped after every optimizer step.
+
+    Shared with benchmarks/quality. Non-finite losses are recorded, not raised: a diverged
+    run is a result there. Returns (the per-step mini-batch losses, the mean loss on
+    ``early_eval_set`` right after step ``early_step``).
+    """
     step_losses: list[float] = []
     loss_early = math.nan
     batches = iter(loader)
     model.train()
-    for step in range(1, config.steps + 1):
+    for step in range(1, steps + 1):
         try:
             inputs, targets = next(batches)
         except StopIteration:  # next epoch: the loader's own generator continues the order
@@ -179,15 +188,26 @@ def _train(config: DemoConfig, model: nn.Module, seed: int, train_set, on_step: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         step_losses.append(loss.item())
-        if step == config.early_step:
-            loss_early = _mean_loss(model, *train_set)
+        if step == early_step:
+            loss_early = mean_loss(model, *early_eval_set)
         on_step()
     return step_losses, loss_early
 
 
+def _train(config: DemoConfig, model: nn.Module, seed: int, train_set, on_step: Callable[[], None]):
+    """SGD for config.steps steps; returns (per-step losses, full train loss after early_step)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    loader = digits_loader("train", _layout(config), batch_size=config.batch_size, seed=seed)
+    return train_for_steps(model, loader, optimizer, config.steps, early_step=config.early_step,
+                           early_eval_set=train_set, on_step=on_step)
+
+
 @torch.no_grad()
-def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+def mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Cross-entropy of ``model`` in eval mode on one (inputs, targets) set; its mode is restored."""
     was_training = model.training
     model.eval()
     loss = F.cross_entropy(model(inputs), targets).item()
@@ -196,7 +216,8 @@ def _mean_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) ->
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+def accuracy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+    """Top-1 accuracy in eval mode (left in eval mode: it is called after training)."""
     model.eval()
     return (model(inputs).argmax(dim=1) == targets).float().mean().item()
 
@@ -232,8 +253,8 @@ def _run_all(config: DemoConfig, train_set, test_set, gradcosine_batch) -> list[
                 result = RunResult(
                     seed=seed, method=method, gradcosine_start=gradcosine_start,
                     init_seconds=init_seconds, loss_early=loss_early,
-                    loss_final=_mean_loss(model, *train_set),
-                    test_accuracy=_accuracy(model, *test_set), step_losses=step_losses,
+                    loss_final=mean_loss(model, *train_set),
+                    test_accuracy=accuracy(model, *test_set), step_losses=step_losses,
                     gradcosine_before_init=before, report=report,
                 )
                 logger.info("seed %d %s: GradCosine %.3f, test accuracy %.3f", seed, method,
@@ -242,7 +263,8 @@ def _run_all(config: DemoConfig, train_set, test_set, gradcosine_batch) -> list[
     return results
 
 
-def _mean_and_spread(values: list[float]) -> tuple[float, float]:
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation) of ``values``; the spread of one value is 0."""
     tensor = torch.tensor(values, dtype=torch.float64)
     spread = tensor.std().item() if len(values) > 1 else 0.0
     return tensor.mean().item(), spread
@@ -254,7 +276,7 @@ def summarize(results: list[RunResult]) -> dict[str, dict[str, tuple[float, floa
     summary = {}
     for method in METHODS:
         runs = [run for run in results if run.method == method]
-        summary[method] = {metric: _mean_and_spread([getattr(run, metric) for run in runs])
+        summary[method] = {metric: mean_and_spread([getattr(run, metric) for run in runs])
                            for metric in metrics}
     return summary
 
@@ -284,7 +306,8 @@ def format_table(summary: dict[str, dict[str, tuple[float, float]]], config: Dem
     return "\n".join(lines)
 
 
-def _moving_average(values: list[float], window: int) -> torch.Tensor:
+def moving_average(values: list[float], window: int) -> torch.Tensor:
+    """Trailing moving average over ``window`` values (the first ones padded with the first value)."""
     series = torch.tensor(values, dtype=torch.float64)
     window = max(1, min(window, len(values)))
     kernel = torch.ones(1, 1, window, dtype=torch.float64) / window
@@ -302,7 +325,7 @@ def plot(results: list[RunResult], config: DemoConfig, path: Path) -> None:
     figure, (curves, history) = plt.subplots(1, 2, figsize=(12, 4.5))
     window = max(1, config.steps // 40)
     for method in METHODS:
-        runs = torch.stack([_moving_average(run.step_losses, window)
+        runs = torch.stack([moving_average(run.step_losses, window)
                             for run in results if run.method == method])
         steps = torch.arange(1, runs.shape[1] + 1)
         line, = curves.plot(steps, runs.mean(0), label=METHOD_LABELS[method])
@@ -316,7 +339,7 @@ def plot(results: list[RunResult], config: DemoConfig, path: Path) -> None:
             values = [entry["gradcosine"] for entry in run.report["history"]]
             iterations = range(1, len(values) + 1)
             line, = history.plot(iterations, values, alpha=0.3)
-            history.plot(iterations, _moving_average(values, 10), color=line.get_color(),
+            history.plot(iterations, moving_average(values, 10), color=line.get_color(),
                          label=f"seed {run.seed}")
     history.set(xlabel="NIO iteration", ylabel="GradCosine on the iteration's batch",
                 title="NIO's GradCosine history (thin: each batch; thick: moving average of 10)")
@@ -332,22 +355,22 @@ def _nio_lines(results: list[RunResult]) -> list[str]:
         if run.method == "nio":
             lines.append(f"NIO, seed {run.seed}: GradCosine {run.gradcosine_before_init:.3f} -> "
                          f"{run.gradcosine_start:.3f} in {run.init_seconds:.2f} s")
-    before = _mean_and_spread([run.gradcosine_before_init for run in results if run.method == "nio"])[0]
-    after = _mean_and_spread([run.gradcosine_start for run in results if run.method == "nio"])[0]
-    seconds = _mean_and_spread([run.init_seconds for run in results if run.method == "nio"])[0]
+    before = mean_and_spread([run.gradcosine_before_init for run in results if run.method == "nio"])[0]
+    after = mean_and_spread([run.gradcosine_start for run in results if run.method == "nio"])[0]
+    seconds = mean_and_spread([run.init_seconds for run in results if run.method == "nio"])[0]
     lines.append(f"NIO, mean over seeds: GradCosine {before:.3f} -> {after:.3f} "
                  f"(same held batch of the training set), {seconds:.2f} s per initialization")
     return lines
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities (a diverged run) become null: plain JSON has no such numbers."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {key: json_safe(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
+        return [json_safe(item) for item in value]
     return value
 
 
@@ -383,6 +406,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                     for method, metrics in summary.items()},
         "runs": [dataclasses.asdict(run) for run in results],
     }
-    json_path.write_text(json.dumps(_json_safe(record), indent=1) + "\n")
+    json_path.write_text(json.dumps(json_safe(record), indent=1) + "\n")
     print(f"\nwrote {figure_path} and {json_path} ({total_seconds:.1f} s in all)")
     return record
