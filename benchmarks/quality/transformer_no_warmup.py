@@ -74,7 +74,7 @@ def build(quick: bool = False) -> Experiment:
                                "no warmup, no gradient clipping, no weight decay"),
         learning_rates=[0.01] if quick else [0.01, 0.03, 0.1],
         seeds=2 if quick else 10,
-        steps=10 if quick else 300,
+        steps=10 if quick else 150,
         batch_size=64,
         init_batch_size=64,
         early_step=5 if quick else 20,
