@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed
 from .algorithms.batching import BatchStream, num_samples, to_device, unpack_batch
-from .algorithms.gradcosine import MODES, GradCosineResult, LossFn, evaluate_gradcosine
+from .algorithms.gradcosine import MODES, SAMPLES, GradCosineResult, LossFn, chunks_for, evaluate_gradcosine
 from .algorithms.gradinit import INNER_OPTIMIZERS, run_gradinit
 from .algorithms.model_state import nio_modes
 from .algorithms.nio import OBJECTIVES, run_nio
@@ -90,10 +90,17 @@ def select_parameters(model: nn.Module, params: ParamsArg) -> tuple[list[str], l
     return [name for name, _ in chosen], [p for _, p in chosen]
 
 
-def _check_sampling(sub_batches: Any, overlap: Any, mode: Any) -> None:
-    _require_int("sub_batches", sub_batches, 2)
+def _check_sampling(sub_batches: Any, overlap: Any, mode: Any, group: Any = None) -> None:
+    if isinstance(sub_batches, str):
+        _require(sub_batches == SAMPLES, f"sub_batches: expected an integer >= 2 or {SAMPLES!r}, got {sub_batches!r}")
+        _require(group is None, "sub_batches: 'samples' is not supported in distributed runs yet; "
+                                "give a multiple of the world size")
+    else:
+        _require_int("sub_batches", sub_batches, 2)
     _require_number("overlap", overlap)
     _require(0 <= overlap < 1, f"overlap: must lie in [0, 1), got {overlap!r}")
+    _require(sub_batches != SAMPLES or overlap == 0,
+             f"overlap: must be 0 with sub_batches='samples' (one chunk per sample), got {overlap!r}")
     _require_choice("mode", mode, MODES)
 
 
@@ -101,8 +108,11 @@ def _check_backend(backend: Any) -> None:
     _require_choice("backend", backend, ("auto",) + BACKEND_NAMES)
 
 
-def _check_batch_size(inputs: Any, chunks: int, arg: str, what: Optional[str] = None) -> int:
+def _check_batch_size(inputs: Any, chunks: Union[int, str], arg: str, what: Optional[str] = None) -> int:
     size = num_samples(inputs, arg)
+    if chunks == SAMPLES:
+        _require(size >= 2, f"{arg}: has {size} sample(s); sub_batches='samples' needs at least 2")
+        return size
     _require(size >= chunks, f"{arg}: has {size} samples, fewer than {what or 'sub_batches'}={chunks}")
     return size
 
@@ -115,7 +125,8 @@ def _check_local_batch_size(inputs: Any, group: Any, sub_batches: int, arg: str)
                              "sub_batches / world size")
 
 
-def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *, sub_batches: int = 2,
+def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *,
+               sub_batches: Union[int, str] = 2,
                overlap: float = 0.0, params: ParamsArg = None, mode: str = "auto",
                create_graph: bool = False, backend: str = "auto", process_group: Any = None) -> GradCosineResult:
     """GradCosine of ``model`` on one batch: the mean pairwise cosine of sub-batch gradients.
@@ -125,10 +136,15 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
         batch: ``(inputs, targets)``; inputs a tensor, a tuple (``model(*inputs)``) or a dict
             (``model(**inputs)``); samples along dimension 0.
         loss_fn: ``loss_fn(outputs, targets)`` -> mean loss (default: cross-entropy).
-        sub_batches: D >= 2 contiguous chunks. overlap: r in [0, 1), NIO.md step 3.
+        sub_batches: D >= 2 contiguous chunks, or ``"samples"``: one chunk per sample
+            (sample-wise GradCosine, D = N). overlap: r in [0, 1), NIO.md step 3 (0 for samples).
         params: names or tensors to take gradients of (default: every trainable parameter).
-        mode: ``"exact"`` (whole-batch forward), ``"per_chunk"`` (each chunk alone), or
-            ``"auto"`` (per_chunk unless a BatchNorm couples samples; never changes the value).
+        mode: ``"exact"`` (whole-batch forward, one backward per chunk), ``"per_chunk"`` (each
+            chunk alone), ``"factors"`` (the per-sample Gram from layer inputs and output
+            gradients, one backward in all; ``nio_fast.samplewise``; no batch coupling), or
+            ``"auto"``: ``"exact"`` when a BatchNorm couples samples, else ``"factors"`` for
+            ``"samples"`` and ``"per_chunk"`` otherwise. Every mode gives the same value where
+            it applies; ``result.routes`` tells how ``"factors"`` handled each tensor.
         create_graph: keep the graph so the result can be differentiated.
         backend: Gram backend, see :func:`nio_fast.ops.gram`.
         process_group: a ``torch.distributed`` process group; None uses the default group when
@@ -147,7 +163,7 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
     model = distributed.unwrap(model)
     with distributed.agreement(group) as notes:
         names, tensors = select_parameters(model, params)
-        _check_sampling(sub_batches, overlap, mode)
+        _check_sampling(sub_batches, overlap, mode, group)
         _check_backend(backend)
         distributed.check_chunking(group, sub_batches, overlap)
         inputs, targets = to_device(unpack_batch(batch), tensors[0].device)
@@ -157,8 +173,11 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
     loss_fn = loss_fn or F.cross_entropy
     if group is None:
         with nio_modes(model):
-            return evaluate_gradcosine(model, inputs, targets, loss_fn, tensors, sub_batches, overlap, mode,
-                                       create_graph, backend)
+            result = evaluate_gradcosine(model, inputs, targets, loss_fn, tensors, sub_batches, overlap, mode,
+                                         create_graph, backend)
+        if result.routes is not None:  # by name for the caller
+            result.routes = {names[index]: route for index, route in result.routes.items()}
+        return result
     run = distributed.DistributedRun(group, tensors, sub_batches, notes.sizes)
     with nio_modes(model), run.step(distributed.GRADCOSINE_PLAN):
         result = evaluate_gradcosine(model, inputs, targets, loss_fn, tensors, sub_batches, overlap, mode,
@@ -168,7 +187,8 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
 
 
 def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *, method: str = "nio",
-               iters: int = 100, sub_batches: int = 2, overlap: float = 0.0, gamma: Optional[float] = None,
+               iters: int = 100, sub_batches: Union[int, str] = 2, overlap: float = 0.0,
+               gamma: Optional[float] = None,
                lr: float = 0.05, min_scale: float = 0.01, grad_clip: Optional[float] = 1.0,
                objective: str = "gc", mu: float = 1.0, mode: str = "auto", progress: bool = True,
                seed: Optional[int] = None, inner: str = "sgd", eta: float = 0.1, params: ParamsArg = None,
@@ -187,7 +207,8 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
         model: the network. data: an iterable of ``(inputs, targets)`` batches (cycled) or one
             batch. loss_fn: ``loss_fn(outputs, targets)`` -> mean loss (default cross-entropy).
         method: ``"nio"`` or ``"gradinit"``. iters: iterations (>= 1).
-        sub_batches, overlap, mode: how each batch is split (see :func:`gradcosine`).
+        sub_batches, overlap, mode: how each batch is split (see :func:`gradcosine`);
+            ``sub_batches="samples"`` is sample-wise NIO.
         gamma: gradient-norm bound; None measures it on the first batch (the mean sub-batch
             norm for NIO, the inner optimizer's gradient norm for GradInit).
         lr: scale-optimizer (Adam) learning rate. min_scale: lower bound of non-bias scales.
@@ -236,7 +257,7 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
 
 
 def _check_initialize_arguments(model: nn.Module, params: ParamsArg, *, method: str, iters: int,
-                                sub_batches: int, overlap: float, gamma: Optional[float], lr: float,
+                                sub_batches: Union[int, str], overlap: float, gamma: Optional[float], lr: float,
                                 min_scale: float, grad_clip: Optional[float], objective: str, mu: float,
                                 mode: str, seed: Optional[int], inner: str, eta: float, backend: str,
                                 loss_fn: Any, group: Any) -> tuple[list[str], list[nn.Parameter], dict]:
@@ -244,7 +265,7 @@ def _check_initialize_arguments(model: nn.Module, params: ParamsArg, *, method: 
     names, tensors = select_parameters(model, params)
     _require_choice("method", method, METHODS)
     _require_int("iters", iters, 1)
-    _check_sampling(sub_batches, overlap, mode)
+    _check_sampling(sub_batches, overlap, mode, group)
     _require_number("gamma", gamma, positive=True, allow_none=True)
     _require_number("lr", lr, positive=True)
     _require_number("min_scale", min_scale, non_negative=True)

@@ -1,12 +1,15 @@
 """One GradCosine evaluation (NIO.md, "One GradCosine evaluation"): chunk gradients, Gram, cosine.
 
-Two ways to get the D chunk gradients, equal whenever no layer couples samples:
+Three ways to get the Gram of the D chunk gradients, equal whenever no layer couples samples:
 - ``"exact"``: forward the whole batch once, then one gradient per chunk loss (BatchNorm
   statistics see all N samples, as the spec says);
 - ``"per_chunk"``: forward each chunk on its own; each backward then walks only that chunk's
   activations instead of the whole batch's, so D gradients cost about one training step.
   Equal chunks go through ``torch.func.vmap`` over the chunks (one batched forward and
-  backward instead of D small ones); a model vmap cannot run falls back to a loop over chunks.
+  backward instead of D small ones); a model vmap cannot run falls back to a loop over chunks;
+- ``"factors"``: the per-sample Gram from layer factors (``nio_fast.samplewise``: one
+  forward, one backward), reduced to the chunks' Gram by their averaging weights. No chunk
+  gradient is ever formed; it is how ``sub_batches="samples"`` (D = N) runs by default.
 """
 from __future__ import annotations
 
@@ -32,7 +35,16 @@ logger = logging.getLogger("nio_fast")
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-MODES = ("auto", "exact", "per_chunk")
+MODES = ("auto", "exact", "per_chunk", "factors")
+SAMPLES = "samples"
+"""``sub_batches="samples"``: one chunk per sample (D = N, overlap 0)."""
+
+SubBatches = Union[int, str]
+
+
+def chunks_for(sub_batches: SubBatches, batch_size: int) -> int:
+    """D for a batch of ``batch_size``: the number given, or N for ``"samples"``."""
+    return batch_size if sub_batches == SAMPLES else sub_batches
 
 
 @dataclass
@@ -50,7 +62,10 @@ class GradCosineResult:
     chunks: list[tuple[int, int]]
     """The (start, end) sample range of each chunk."""
     mode: str
-    """The mode that ran: ``"exact"`` or ``"per_chunk"``."""
+    """The mode that ran: ``"exact"``, ``"per_chunk"`` or ``"factors"``."""
+    routes: Optional[dict[int, str]] = None
+    """``"factors"`` only: parameter index -> how its part of the Gram was computed
+    (``nio_fast.samplewise``); the public API reports it by parameter name."""
 
     @property
     def gnorm(self) -> torch.Tensor:
@@ -58,10 +73,16 @@ class GradCosineResult:
         return self.norms.mean()
 
 
-def resolve_mode(mode: str, model: nn.Module) -> str:
-    """``"auto"`` is per_chunk only where that cannot change the value: no batch coupling."""
+def resolve_mode(mode: str, model: nn.Module, sub_batches: SubBatches = 2) -> str:
+    """``"auto"`` never changes the value: with batch coupling ``"exact"``; without it
+    ``"factors"`` for one chunk per sample, else ``"per_chunk"``."""
     if mode == "auto":
-        return "exact" if couples_samples(model) else "per_chunk"
+        if couples_samples(model):
+            return "exact"
+        return "factors" if sub_batches == SAMPLES else "per_chunk"
+    if mode == "factors" and couples_samples(model):
+        raise ValueError("mode: 'factors' needs a model without batch coupling; this one has BatchNorm layers "
+                         "computing batch statistics (use mode='exact', or 'auto')")
     return mode
 
 
@@ -197,7 +218,7 @@ def dense_gradient_table(grads: list[list[Optional[torch.Tensor]]],
 
 
 def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
-                        params: Sequence[torch.Tensor], sub_batches: int, overlap: float, mode: str,
+                        params: Sequence[torch.Tensor], sub_batches: SubBatches, overlap: float, mode: str,
                         create_graph: bool, backend: str = "auto",
                         distributed: Optional["DistributedRun"] = None) -> GradCosineResult:
     """GradCosine of one batch; the caller has already put the model in NIO's modes.
@@ -205,9 +226,11 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     With ``distributed``, ``inputs`` is this rank's part of the global batch: it forms its
     D / W chunks and the Gram covers every rank's (``nio_fast.distributed``).
     """
-    chunks_here = sub_batches if distributed is None else distributed.local_chunks
+    chunks_here = chunks_for(sub_batches, num_samples(inputs)) if distributed is None else distributed.local_chunks
     bounds = chunk_bounds(num_samples(inputs), chunks_here, overlap)
-    mode = resolve_mode(mode, model)
+    mode = resolve_mode(mode, model, sub_batches)
+    if mode == "factors":
+        return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph)
     if mode == "per_chunk":
         grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph)
     else:
@@ -221,3 +244,46 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
         gram = ops.gram(grads, backend=backend)
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, bounds, mode)
+
+
+def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+                         params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
+                         create_graph: bool) -> GradCosineResult:
+    """``"factors"``: the per-sample Gram, then the chunks' Gram W^T G W.
+
+    A chunk's gradient is the mean of its samples' gradients only when the loss of a chunk is
+    the mean of its samples' losses; that is checked on every model and loss the first time.
+    """
+    from ..samplewise import samplewise_gram
+    sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph)
+    num = sample.gram.shape[0]
+    if len(bounds) == num and all(end - start == 1 for start, end in bounds):
+        gram = sample.gram
+    else:
+        weights = ops.chunk_weights(bounds, num, sample.gram.dtype, sample.gram.device)
+        gram = ops.chunk_gram(sample.gram, weights)
+        _check_mean_loss(model, inputs, targets, loss_fn, bounds)
+    terms = ops.gradcosine_from_gram(gram)
+    return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)
+
+
+# (model, loss_fn) pairs whose chunk loss was checked to be the mean of its samples' losses.
+_MEAN_LOSS_CHECKED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def _check_mean_loss(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+                     bounds: Sequence[tuple[int, int]]) -> None:
+    checked = _MEAN_LOSS_CHECKED.setdefault(model, set())
+    if id(loss_fn) in checked:
+        return
+    with torch.no_grad():
+        outputs = call_model(model, inputs)
+        samples = torch.stack([scalar_loss(loss_fn(slice_rows(outputs, i, i + 1), slice_rows(targets, i, i + 1)))
+                               for i in range(num_samples(inputs))])
+        for start, end in bounds:
+            chunk = scalar_loss(loss_fn(slice_rows(outputs, start, end), slice_rows(targets, start, end)))
+            if not torch.allclose(chunk, samples[start:end].mean(), rtol=1e-4, atol=1e-6):
+                raise ValueError("loss_fn: mode='factors' with sub-batches needs the loss of a chunk to be the mean of "
+                                 f"its samples' losses; chunk {start}:{end} gives {chunk.item():.6g}, the mean of its "
+                                 f"samples' {samples[start:end].mean().item():.6g} (use mode='per_chunk' or 'exact')")
+    checked.add(id(loss_fn))

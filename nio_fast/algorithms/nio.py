@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .batching import BatchStream, num_samples
-from .gradcosine import LossFn, evaluate_gradcosine
+from .gradcosine import LossFn, SubBatches, chunks_for, evaluate_gradcosine
 from .report import InitReport
 from .scale_optimizer import CONSTRAINT, OBJECTIVE
 from .scale_search import IterationOutcome, logger, run_scale_search
@@ -28,7 +28,7 @@ def nio_objective(objective: str, gradcosine: torch.Tensor, norms: torch.Tensor,
 
 
 def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Sequence[str],
-            params: Sequence[nn.Parameter], *, iters: int, sub_batches: int, overlap: float,
+            params: Sequence[nn.Parameter], *, iters: int, sub_batches: SubBatches, overlap: float,
             gamma: Optional[float], lr: float, min_scale: float, grad_clip: Optional[float],
             objective: str, mu: float, mode: str, progress: bool, backend: str,
             settings: dict[str, Any], distributed: Optional["DistributedRun"] = None) -> InitReport:
@@ -37,7 +37,7 @@ def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Seque
     With ``distributed``, ``stream`` yields this rank's part of each global batch.
     """
     bound: dict[str, torch.Tensor] = {}
-    chunks_here = sub_batches if distributed is None else distributed.local_chunks
+    chunks_here = chunks_for(sub_batches, 2) if distributed is None else distributed.local_chunks
 
     def iteration(index: int) -> IterationOutcome:
         inputs, targets = next(stream)

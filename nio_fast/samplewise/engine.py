@@ -1,0 +1,225 @@
+"""The N x N Gram of per-sample gradients, in one forward and one backward with graph.
+
+1. Forward the batch once under a :class:`FactorRecorder`: for every parameter, the ops that
+   used it, with their inputs and outputs.
+2. Per-sample losses ``l_i = loss_fn(o[i:i+1], y[i:i+1])`` (NIO.md with one sample a chunk),
+   and ONE ``autograd.grad(sum_i l_i, outputs of the recorded ops, create_graph=True)``. With
+   no layer coupling samples, the sample-i rows of an op's output gradient are sample i's own.
+3. Per parameter, the Gram of its per-sample gradients from those factors, by the cheaper
+   exact route: ``ghost`` / ``materialize`` (``nio_fast.ops.outer_gram``) for linear and
+   convolution weights, ``embedding`` for an embedding table used once, ``vectors`` (per-sample
+   gradients formed, they are small) for the rest. Each route runs under activation
+   checkpointing: the backward recomputes it from the layer's input and output gradient, so
+   no per-sample gradient or unfolded input outlives its own layer.
+4. Parameters used in a way no rule covers get their per-sample gradients from autograd, one
+   backward per sample (``autograd``): exact for any op, and the only route whose cost grows
+   with N backward passes; :class:`SampleGram` says which parameters took it and why.
+
+Differentiating the Gram then costs one double backward: the whole evaluation is about three
+training steps, whatever N.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from ..algorithms.batching import call_model, num_samples, slice_rows
+from .factors import is_outer, outer_factors, per_sample_vectors
+from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
+
+logger = logging.getLogger("nio_fast")
+
+GHOST, MATERIALIZE, EMBEDDING_ROUTE, VECTORS, AUTOGRAD = "ghost", "materialize", "embedding", "vectors", "autograd"
+
+
+@dataclass
+class SampleGram:
+    """The per-sample Gram and how each parameter's part of it was computed."""
+
+    gram: torch.Tensor
+    """[N, N]: G[i, j] = <g_i, g_j> over the selected parameters."""
+    routes: dict[int, str] = field(default_factory=dict)
+    """Parameter index -> route: "ghost", "materialize", "embedding", "vectors" or "autograd"."""
+    reasons: dict[int, str] = field(default_factory=dict)
+    """Parameter index -> why it took the autograd route."""
+
+
+def per_sample_losses(outputs: Any, targets: Any, loss_fn: Callable, num: int) -> torch.Tensor:
+    """[N]: the loss of every sample on its own, from the whole-batch outputs."""
+    from ..algorithms.gradcosine import scalar_loss
+    return torch.stack([scalar_loss(loss_fn(slice_rows(outputs, i, i + 1), slice_rows(targets, i, i + 1)))
+                        for i in range(num)])
+
+
+def _gram_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def _vector_gram(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    vectors = vectors.to(dtype)
+    return vectors @ vectors.T
+
+
+def _maybe_checkpoint(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
+    """Run ``function`` so that its backward recomputes it (nothing inside is kept alive)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors if isinstance(t, torch.Tensor)):
+        return checkpoint(function, *tensors, use_reentrant=False)
+    return function(*tensors)
+
+
+def choose_outer_route(num: int, positions: int, in_features: int, out_features: int, itemsize: int) -> str:
+    """"ghost" or "materialize" for a weight's factors, by the FLOP estimate of ``ops.outer_gram_cost``."""
+    return ops.outer_gram_route(num, positions, in_features, out_features, itemsize=itemsize)
+
+
+class _ParameterUses:
+    """Every (use, role, output gradient) of one parameter."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[LayerUse, str, torch.Tensor]] = []
+
+    def outer_only(self) -> bool:
+        """All uses are linear / ungrouped conv weights of one factor shape: positions concatenate."""
+        return bool(self.entries) and all(is_outer(use, role) for use, role, _ in self.entries) and \
+            len({use.kind for use, _, _ in self.entries}) == 1
+
+    def single_embedding(self) -> bool:
+        return len(self.entries) == 1 and self.entries[0][0].kind == EMBEDDING
+
+
+def _outer_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, str]:
+    entries = uses.entries
+    conv = entries[0][0].kind == CONV
+    # The route from the shapes alone (no tensor is formed to decide): T positions in all uses.
+    num = entries[0][2].shape[entries[0][0].sample_axis]
+    positions = sum(grad.numel() // (num * param.shape[0]) for _, _, grad in entries)
+    route = choose_outer_route(num, positions, param[0].numel(), param.shape[0], param.element_size())
+
+    def compute(*flat: torch.Tensor) -> torch.Tensor:
+        a_parts, b_parts = [], []
+        for (use, _, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
+            bound = LayerUse(use.kind, use.roles, inputs, use.output, use.sample_axis, use.config)
+            a, b = outer_factors(bound, grad, param.shape)
+            a_parts.append(a)
+            b_parts.append(b)
+        a = torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0]
+        b = torch.cat(b_parts, 1) if len(b_parts) > 1 else b_parts[0]
+        return ops.outer_gram(a, b, route=route).to(dtype)
+
+    flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
+    if conv or len(entries) > 1:  # unfolded patches / concatenated factors: recompute in the backward
+        return _maybe_checkpoint(compute, *flat), route
+    return compute(*flat), route
+
+
+def _embedding_gram(uses: _ParameterUses, dtype: torch.dtype) -> torch.Tensor:
+    use, _, grad = uses.entries[0]
+    ids = use.inputs.movedim(use.sample_axis, 0) if use.sample_axis else use.inputs
+    b = grad.movedim(use.sample_axis, 0) if use.sample_axis else grad
+    ids = ids.reshape(ids.shape[0], -1)
+    b = b.reshape(b.shape[0], ids.shape[1], -1)
+    padding = use.config["padding_idx"]
+    padding = None if padding is None else padding % use.config["num_embeddings"]
+    return ops.embedding_gram(ids, b, padding_idx=padding).to(dtype)
+
+
+def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    entries = uses.entries
+
+    def compute(*flat: torch.Tensor) -> torch.Tensor:
+        total = None
+        for (use, role, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
+            bound = LayerUse(use.kind, use.roles, inputs, use.output, use.sample_axis, use.config)
+            vectors = per_sample_vectors(bound, role, grad, param)
+            total = vectors if total is None else total + vectors
+        return _vector_gram(total, dtype)
+
+    flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
+    return _maybe_checkpoint(compute, *flat)
+
+
+def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
+                    params: Sequence[torch.Tensor], create_graph: bool) -> SampleGram:
+    """The [N, N] per-sample Gram of ``model`` on one batch; see the module docstring.
+
+    The caller has put the model in NIO's modes and checked it has no batch coupling.
+    """
+    num = num_samples(inputs)
+    recorder = FactorRecorder(params, num)
+    with recorder:
+        outputs = call_model(model, inputs)
+    losses = per_sample_losses(outputs, targets, loss_fn, num)
+    if not losses.requires_grad:
+        raise ValueError("loss_fn: the loss it returned does not depend on the selected parameters "
+                         "(no gradient can flow); check params and the model")
+    dtype = _gram_dtype(params)
+
+    factored = [use for use in recorder.uses if any(i not in recorder.unfactored for i in use.roles.values())]
+    seen = recorder.unfactored.keys() | {i for use in factored for i in use.roles.values()}
+    unseen = [i for i in range(len(params)) if i not in seen]
+    # One backward: the output gradients of the recorded ops, and (nearly free alongside) whether
+    # a parameter no recorded op used still reaches the loss, through an op the mode cannot see
+    # (e.g. nn.GRU's fused C++ call): those take the autograd route.
+    wanted = [use.output for use in factored] + [params[i] for i in unseen]
+    grads = torch.autograd.grad(losses.sum(), wanted, create_graph=create_graph, retain_graph=True,
+                                allow_unused=True) if wanted else []
+    outputs_grads = grads[:len(factored)]
+    unfactored = dict(recorder.unfactored)
+    for index, grad in zip(unseen, grads[len(factored):]):
+        if grad is not None:
+            unfactored[index] = "used by an op that bypasses torch-function dispatch (a fused C++ call)"
+    by_param: dict[int, _ParameterUses] = defaultdict(_ParameterUses)
+    for use, grad in zip(factored, outputs_grads):
+        if grad is None:  # this op's output does not reach the loss
+            continue
+        for role, index in use.roles.items():
+            if index not in unfactored:
+                by_param[index].entries.append((use, role, grad))
+
+    result = SampleGram(gram=torch.zeros(num, num, dtype=dtype, device=params[0].device))
+    parts = []
+    for index, uses in sorted(by_param.items()):
+        param = params[index]
+        if uses.outer_only():
+            part, route = _outer_gram(uses, param, dtype)
+        elif uses.single_embedding():
+            part, route = _embedding_gram(uses, dtype), EMBEDDING_ROUTE
+        else:
+            part, route = _vectors_gram(uses, param, dtype), VECTORS
+        parts.append(part)
+        result.routes[index] = route
+
+    if unfactored:
+        indices = sorted(unfactored)
+        parts.append(_autograd_gram(losses, [params[i] for i in indices], create_graph, dtype, result,
+                                    indices, unfactored))
+    if not result.routes:
+        raise ValueError("params: none of the selected parameters influences the loss")
+    if not create_graph:
+        parts = [part.detach() for part in parts]
+    result.gram = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+    logger.debug("sample-wise Gram routes: %s", result.routes)
+    return result
+
+
+def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_graph: bool, dtype: torch.dtype,
+                   result: SampleGram, indices: list[int], reasons: dict[int, str]) -> torch.Tensor:
+    """Per-sample gradients of ``tensors`` by one backward per sample: exact for any op."""
+    rows = []
+    for i in range(losses.shape[0]):
+        grads = torch.autograd.grad(losses[i], tensors, create_graph=create_graph, retain_graph=True,
+                                    allow_unused=True)
+        rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
+                               for g, t in zip(grads, tensors)]))
+    for index in indices:
+        result.routes[index] = AUTOGRAD
+        result.reasons[index] = reasons[index]
+    logger.info("sample-wise GradCosine: %d parameter tensor(s) need %d backward passes (%s)",
+                len(indices), losses.shape[0], "; ".join(sorted(set(reasons[i] for i in indices))))
+    return _vector_gram(torch.stack(rows), dtype)

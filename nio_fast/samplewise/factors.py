@@ -1,0 +1,134 @@
+"""Per-sample gradients of one recorded use, from its input and its output gradient.
+
+Two forms (shared/spec/GHOST.md):
+- *outer factors* ``(A [N, T, d], B [N, T, p])`` for the weight of a linear layer or an
+  ungrouped convolution: sample i's gradient is ``sum_t B[i, t] A[i, t]^T``, never formed
+  unless the materialising route is cheaper (``nio_fast.ops.outer_gram`` decides);
+- *per-sample vectors* ``[N, numel]`` for everything small or irregular: biases, norm-layer
+  affines, broadcast parameters, grouped convolutions, embeddings tied with other uses.
+
+Every function here is plain autograd-differentiable PyTorch; ``b`` is the output gradient of
+the SUM of the per-sample losses, so its sample-``i`` rows are sample i's own output gradient
+(exact when no layer couples samples).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .recorder import BROADCAST, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, LayerUse
+
+
+def sample_major(tensor: torch.Tensor, use: LayerUse) -> torch.Tensor:
+    return tensor.movedim(use.sample_axis, 0) if use.sample_axis else tensor
+
+
+def _pair(value, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+
+def _conv_padding(use: LayerUse, weight_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """(before, after) padding per spatial dim, 'same' and 'valid' included."""
+    dims = use.config["spatial_dims"]
+    padding, dilation = use.config["padding"], _pair(use.config["dilation"], dims)
+    kernel = weight_shape[2:]
+    if padding == "valid":
+        return [(0, 0)] * dims
+    if padding == "same":  # PyTorch puts the odd one of the total padding after
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return [(total // 2, total - total // 2) for total in totals]
+    return [(p, p) for p in _pair(padding, dims)]
+
+
+def conv_patches(use: LayerUse, weight_shape: Sequence[int]) -> torch.Tensor:
+    """The unfolded input [N, C_in * prod(kernel), L] of a conv1d / conv2d use."""
+    x = use.inputs
+    dims = use.config["spatial_dims"]
+    stride, dilation = _pair(use.config["stride"], dims), _pair(use.config["dilation"], dims)
+    pads = _conv_padding(use, weight_shape)
+    kernel = tuple(weight_shape[2:])
+    if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
+        x, kernel, stride, dilation, pads = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation, [(0, 0)] + pads
+    if any(before or after for before, after in pads):
+        x = F.pad(x, [amount for before_after in reversed(pads) for amount in before_after])
+    return F.unfold(x, kernel, dilation=dilation, stride=stride)
+
+
+def outer_factors(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[int]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [N, T, d], B [N, T, p]) of a linear or ungrouped conv weight."""
+    if use.kind == LINEAR:
+        x, b = sample_major(use.inputs, use), sample_major(output_grad, use)
+        return x.reshape(x.shape[0], -1, x.shape[-1]), b.reshape(b.shape[0], -1, b.shape[-1])
+    patches = conv_patches(use, weight_shape)
+    return patches.transpose(1, 2), output_grad.reshape(output_grad.shape[0], output_grad.shape[1], -1).transpose(1, 2)
+
+
+def is_outer(use: LayerUse, role: str) -> bool:
+    return role == "weight" and (use.kind == LINEAR or (use.kind == CONV and use.config["groups"] == 1))
+
+
+def per_sample_vectors(use: LayerUse, role: str, output_grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """[N, param.numel()]: the per-sample gradients of ``param`` through this one use."""
+    b = sample_major(output_grad, use)
+    num = b.shape[0]
+    if use.kind in (LINEAR, CONV) and role == "bias":
+        channel_axis = 1 if use.kind == CONV else b.dim() - 1
+        return b.movedim(channel_axis, -1).reshape(num, -1, b.shape[channel_axis]).sum(1)
+    if use.kind == LINEAR:
+        a, b3 = outer_factors(use, output_grad, param.shape)
+        return torch.einsum("ntp,ntd->npd", b3, a).reshape(num, -1)
+    if use.kind == CONV:
+        groups = use.config["groups"]
+        patches = conv_patches(use, param.shape)  # [N, groups * d_g, L]
+        patches = patches.reshape(num, groups, -1, patches.shape[-1])
+        grads = b.reshape(num, groups, -1, patches.shape[-1])
+        return torch.einsum("ngpl,ngdl->ngpd", grads, patches).reshape(num, -1)
+    if use.kind == EMBEDDING:
+        return _embedding_vectors(use, b, param)
+    if use.kind == LAYER_NORM:
+        shape = use.config["normalized_shape"]
+        if role == "weight":
+            x = sample_major(use.inputs, use)
+            b = b * F.layer_norm(x, shape, None, None, use.config["eps"])
+        return b.reshape(num, -1, math.prod(shape)).sum(1)
+    if use.kind == GROUP_NORM:
+        if role == "weight":
+            x = sample_major(use.inputs, use)
+            b = b * F.group_norm(x, use.config["num_groups"], None, None, use.config["eps"])
+        return b.reshape(num, b.shape[1], -1).sum(-1)
+    if use.kind == BROADCAST:
+        return _broadcast_vectors(use, b, param)
+    raise AssertionError(f"no per-sample rule for {use.kind}")
+
+
+def _embedding_vectors(use: LayerUse, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    ids = sample_major(use.inputs, use)
+    num, vocab, width = b.shape[0], weight.shape[0], weight.shape[1]
+    ids = ids.reshape(num, -1)
+    rows = b.reshape(num, -1, width)
+    padding = use.config["padding_idx"]
+    if padding is not None:  # PyTorch gives the padding row no gradient
+        rows = rows * (ids != (padding % vocab)).unsqueeze(-1).to(rows.dtype)
+    flat_ids = (ids + torch.arange(num, device=ids.device).unsqueeze(1) * vocab).reshape(-1)
+    grads = rows.new_zeros(num * vocab, width).index_add(0, flat_ids, rows.reshape(-1, width))
+    return grads.reshape(num, -1)
+
+
+def _broadcast_vectors(use: LayerUse, b: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    op = use.config["op"]
+    if op == "mul":
+        other = use.inputs if use.inputs is not None else use.config["scalar"]
+        b = b * (other.expand_as(b) if isinstance(other, torch.Tensor) else other)
+    elif op == "neg":
+        b = -b
+    # sum b over the axes the parameter was broadcast along (all but the sample axis)
+    leading = b.dim() - param.dim()
+    target = (1,) * leading + tuple(param.shape)
+    axes = [axis for axis in range(1, b.dim()) if target[axis] == 1 and b.shape[axis] != 1]
+    if axes:
+        b = b.sum(dim=axes, keepdim=True)
+    return b.reshape(b.shape[0], -1)

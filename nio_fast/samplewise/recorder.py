@@ -1,0 +1,220 @@
+"""Which op used which parameter, with what input: recorded during one forward.
+
+A ``TorchFunctionMode`` sees every torch call of the forward, functional ones included, so
+tied weights (one tensor, several calls) and models that call ``F.linear`` themselves are
+recorded like ``nn.Linear`` is. A call that uses a selected parameter is recorded as a
+:class:`LayerUse` when its per-sample gradient has a known factor form (linear, conv1d/2d,
+embedding, layer_norm, group_norm, and broadcasting add/sub/mul/expand, which is how position
+embeddings, class tokens and layer scales enter a model). Any other use of a parameter, or a
+known op whose sample axis cannot be told apart, marks that parameter *unfactored*: the engine
+then takes its per-sample gradients by autograd instead, which is exact for any op.
+
+``F.multi_head_attention_forward`` projects with a 2-D ``[T*N, E]`` view that mixes the
+sequence and sample axes; it is replaced by an equal decomposition whose projections run on
+``[T, N, E]`` (sample axis 1), see :mod:`.attention`.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from . import attention
+
+LINEAR, CONV, EMBEDDING, LAYER_NORM, GROUP_NORM, BROADCAST = (
+    "linear", "conv", "embedding", "layer_norm", "group_norm", "broadcast")
+
+
+@dataclass
+class LayerUse:
+    """One call of a known op that used selected parameters."""
+
+    kind: str
+    roles: dict[str, int]
+    """Role ("weight", "bias", "operand") -> index of the parameter in the selection."""
+    inputs: Optional[torch.Tensor]
+    """The op's data input (layer input, embedding ids, or the other operand of a broadcast op)."""
+    output: torch.Tensor
+    """The op's output; the engine takes dL/d(output) for every use."""
+    sample_axis: int
+    """Axis of ``inputs`` and ``output`` that indexes samples (0, or 1 inside attention)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Op settings the factor rule needs (stride, padding_idx, eps, the broadcast op, ...)."""
+
+
+def _binder(signature: str) -> Callable[..., dict[str, Any]]:
+    """Normalise a call's args and kwargs to a dict, by a Python stand-in signature."""
+    namespace: dict[str, Any] = {}
+    exec(f"def stand_in{signature}: pass", namespace)  # noqa: S102 - a fixed signature string, no input
+    bind = inspect.signature(namespace["stand_in"]).bind
+
+    def normalise(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        bound = bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+    return normalise
+
+
+_LINEAR_ARGS = _binder("(input, weight, bias=None)")
+_CONV_ARGS = _binder("(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)")
+_EMBEDDING_ARGS = _binder("(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, "
+                          "scale_grad_by_freq=False, sparse=False)")
+_LAYER_NORM_ARGS = _binder("(input, normalized_shape, weight=None, bias=None, eps=1e-05)")
+_GROUP_NORM_ARGS = _binder("(input, num_groups, weight=None, bias=None, eps=1e-05)")
+
+_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_SUB = {torch.sub, torch.Tensor.sub, torch.Tensor.__sub__}
+_RSUB = {torch.Tensor.__rsub__}
+_MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_EXPAND = {torch.Tensor.expand, torch.Tensor.expand_as}
+
+
+class FactorRecorder(TorchFunctionMode):
+    """Records, during a forward, how each of ``params`` is used; see the module docstring."""
+
+    def __init__(self, params: Sequence[torch.Tensor], num_samples: int):
+        super().__init__()
+        self.position = {id(p): k for k, p in enumerate(params)}
+        self.num_samples = num_samples
+        self.uses: list[LayerUse] = []
+        self.unfactored: dict[int, str] = {}
+        """Parameter index -> why its per-sample gradient needs autograd (the first reason seen)."""
+        self._sample_axis = 0
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def _selected(self, obj: Any) -> Optional[int]:
+        return self.position.get(id(obj)) if isinstance(obj, torch.Tensor) else None
+
+    def _mark_unfactored(self, indices: Sequence[int], reason: str) -> None:
+        for index in indices:
+            self.unfactored.setdefault(index, reason)
+
+    def _has_sample_axis(self, tensor: Any) -> bool:
+        axis = self._sample_axis
+        return isinstance(tensor, torch.Tensor) and tensor.dim() > axis and tensor.shape[axis] == self.num_samples
+
+    # -- the mode ---------------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            return self._attention(func, args, kwargs)
+        touched = [index for index in map(self._selected, tree_flatten((args, kwargs))[0]) if index is not None]
+        if not touched:
+            return func(*args, **kwargs)
+        out = func(*args, **kwargs)
+        if not isinstance(out, torch.Tensor) or not out.requires_grad:
+            return out  # shape queries, detach(), no_grad code: no gradient flows through here
+        use = self._recognise(func, args, kwargs, out)
+        if isinstance(use, LayerUse):
+            self.uses.append(use)
+            stray = set(touched) - set(use.roles.values())
+            self._mark_unfactored(sorted(stray), f"passed to {_name(func)} as data")
+        else:
+            self._mark_unfactored(touched, use)
+        return out
+
+    def _attention(self, func, args, kwargs):
+        """Attention through the decomposition whose projections keep the sample axis."""
+        previous = self._sample_axis
+        self._sample_axis = attention.sample_axis
+        try:
+            with self:  # re-enter: the decomposition's F.linear calls are recorded like any other
+                result = attention.multi_head_attention_forward(*args, **kwargs)
+        finally:
+            self._sample_axis = previous
+        if result is NotImplemented:
+            touched = [i for i in map(self._selected, tree_flatten((args, kwargs))[0]) if i is not None]
+            self._mark_unfactored(touched, "an attention configuration the decomposition does not cover")
+            return func(*args, **kwargs)
+        return result
+
+    def _recognise(self, func, args, kwargs, out) -> "LayerUse | str":
+        """The use, or the reason it cannot be factored."""
+        if func is F.linear:
+            return self._weighted(LINEAR, _LINEAR_ARGS(*args, **kwargs), out)
+        if func in _CONV_FUNCS:
+            bound = _CONV_ARGS(*args, **kwargs)
+            use = self._weighted(CONV, bound, out)
+            if isinstance(use, LayerUse):
+                use.config = {key: bound[key] for key in ("stride", "padding", "dilation", "groups")}
+                use.config["spatial_dims"] = _CONV_FUNCS[func]
+            return use
+        if func is F.embedding:
+            bound = _EMBEDDING_ARGS(*args, **kwargs)
+            if bound["max_norm"] is not None or bound["scale_grad_by_freq"]:
+                return "embedding with max_norm or scale_grad_by_freq"
+            use = self._weighted(EMBEDDING, bound, out)
+            if isinstance(use, LayerUse):
+                use.config["padding_idx"] = bound["padding_idx"]
+                use.config["num_embeddings"] = bound["weight"].shape[0]
+            return use
+        if func is F.layer_norm:
+            bound = _LAYER_NORM_ARGS(*args, **kwargs)
+            use = self._weighted(LAYER_NORM, bound, out)
+            if isinstance(use, LayerUse):
+                use.config.update(normalized_shape=tuple(bound["normalized_shape"]), eps=bound["eps"])
+            return use
+        if func is F.group_norm:
+            bound = _GROUP_NORM_ARGS(*args, **kwargs)
+            use = self._weighted(GROUP_NORM, bound, out)
+            if isinstance(use, LayerUse):
+                use.config.update(num_groups=bound["num_groups"], eps=bound["eps"])
+            return use
+        if func in _ADD or func in _SUB or func in _RSUB or func in _MUL or func in _EXPAND:
+            return self._broadcast(func, args, kwargs, out)
+        return f"used by {_name(func)}, which has no factor rule"
+
+    def _weighted(self, kind: str, bound: dict[str, Any], out: torch.Tensor) -> "LayerUse | str":
+        """A layer op: data in ``input``, parameters in ``weight`` / ``bias``."""
+        data = bound["input"]
+        if self._selected(data) is not None:
+            return f"a parameter is the data input of {kind}"
+        if not self._has_sample_axis(data) or not self._has_sample_axis(out):
+            return f"{kind} input without the sample axis (shape {tuple(getattr(data, 'shape', ()))})"
+        roles = {}
+        for role in ("weight", "bias"):
+            tensor = bound.get(role)
+            index = self._selected(tensor)
+            if index is not None:
+                roles[role] = index
+        return LayerUse(kind, roles, data, out, self._sample_axis)
+
+    def _broadcast(self, func, args, kwargs, out) -> "LayerUse | str":
+        """``x + p``, ``x - p``, ``p - x``, ``x * p``, ``p.expand(N, ...)``: p broadcast over samples."""
+        if kwargs.get("alpha", 1) != 1 or "out" in kwargs:
+            return f"{_name(func)} with alpha or out="
+        if func in _EXPAND:
+            param, other, op = args[0], None, "expand"
+        else:
+            if len(args) != 2:
+                return f"{_name(func)} with {len(args)} operands"
+            first, second = args
+            param, other = (first, second) if self._selected(first) is not None else (second, first)
+            if self._selected(other) is not None:
+                return f"{_name(func)} of two parameters"
+            if func in _MUL:
+                op = "mul"
+            elif func in _ADD:
+                op = "add"
+            else:  # x - p is -1 * p on the p side; p - x is +1
+                op = "add" if (func in _RSUB) != (param is first) else "neg"
+        if self._sample_axis != 0 or not self._has_sample_axis(out) or out.dim() == 0:
+            return f"{_name(func)} whose output has no leading sample axis"
+        aligned = out.dim() - param.dim()
+        if aligned < 0 or (aligned == 0 and param.shape[0] != 1):
+            return f"{_name(func)} where the parameter itself spans the sample axis"
+        if isinstance(other, torch.Tensor) and other.dim() >= out.dim() and other.shape[0] not in (1, self.num_samples):
+            return f"{_name(func)} with an operand whose leading axis is not the sample axis"
+        return LayerUse(BROADCAST, {"operand": self._selected(param)}, other if isinstance(other, torch.Tensor)
+                        else None, out, 0, {"op": op, "scalar": other if not isinstance(other, torch.Tensor)
+                                                 else None})
+
+
+def _name(func: Any) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)

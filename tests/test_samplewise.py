@@ -1,0 +1,154 @@
+"""Sample-wise GradCosine (sub_batches="samples") held equal to one autograd call per sample."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nio_fast
+from models import batch_for, make_model
+from reference import reference_gradcosine, spec_modes
+from samplewise_models import ZOO, make_zoo_model, zoo_batch
+
+ZOO_MODELS = sorted(ZOO)
+# From tests/models.py: coupling-free ones (the GRU has no rule: it takes the autograd route)
+PLAIN_MODELS = ["mlp", "gn_resnet", "transformer", "odd", "recurrent"]
+
+
+def trainable(model):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in named], [p for _, p in named]
+
+
+def build(name, dtype, seed=0):
+    if name in ZOO:
+        return make_zoo_model(name, dtype, seed), zoo_batch(name, 9, dtype)
+    return make_model(name, dtype, seed), batch_for(name, 9, dtype)
+
+
+def assert_near(actual, expected, rtol, what, floor=1e-30):
+    """Relative to the norm of the expected tensor (per-entry ratios blow up on tiny entries);
+    ``floor``: the smallest norm to divide by (a tensor whose true gradient is zero has roundoff)."""
+    actual, expected = actual.double(), expected.double()
+    error = (actual - expected).norm() / expected.norm().clamp_min(floor)
+    assert error <= rtol, f"{what}: relative error {error:.3g} > {rtol:g}"
+
+
+def reference(model, batch, params, num_chunks=None, overlap=0.0):
+    inputs, targets = batch
+    with spec_modes(model):
+        gc, _, norms, gram = reference_gradcosine(model, inputs, targets, F.cross_entropy, params,
+                                                  num_chunks or len(targets), overlap)
+        grads = torch.autograd.grad(gc, params, allow_unused=True)
+    return gc, torch.stack(norms), torch.stack([torch.stack(row) for row in gram]), grads
+
+
+def check_against_reference(model, batch, rtol, **kwargs):
+    names, params = trainable(model)
+    result = nio_fast.gradcosine(model, batch, create_graph=True, **kwargs)
+    ours = torch.autograd.grad(result.value, params, allow_unused=True)
+    chunks = None if kwargs.get("sub_batches") == "samples" else kwargs["sub_batches"]
+    gc, norms, gram, theirs = reference(model, batch, params, chunks, kwargs.get("overlap", 0.0))
+    assert_near(result.gram, gram, rtol, "Gram")
+    assert_near(result.norms, norms, rtol, "norms")
+    assert abs(float(result.value) - float(gc)) <= rtol * max(1.0, abs(float(gc))), "GradCosine"
+    scale = max(float(ref.norm()) for ref in theirs if ref is not None)
+    for name, mine, ref, p in zip(names, ours, theirs, params):
+        mine = torch.zeros_like(p) if mine is None else mine
+        ref = torch.zeros_like(p) if ref is None else ref
+        # e.g. a conv bias before BatchNorm: zero in exact arithmetic, roundoff in both
+        assert_near(mine, ref, rtol, f"d GradCosine / d {name}", floor=1e-3 * scale)
+    return result
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", ZOO_MODELS + PLAIN_MODELS)
+def test_samples_equal_one_autograd_call_per_sample(name, dtype, rtol):
+    model, batch = build(name, dtype)
+    result = check_against_reference(model, batch, rtol * (20 if dtype == torch.float32 else 1),
+                                     sub_batches="samples")
+    assert result.mode == "factors"
+    assert result.chunks == [(i, i + 1) for i in range(len(batch[1]))]
+
+
+def test_routes_name_every_parameter_and_the_fallbacks():
+    model, batch = build("reused_and_unknown", torch.float64)
+    result = nio_fast.gradcosine(model, batch, sub_batches="samples")
+    assert result.routes["unknown.weight"] == "autograd"  # torch.matmul: no rule
+    assert result.routes["shared.weight"] in ("ghost", "materialize")  # two uses, positions joined
+    assert result.routes["shared.bias"] == "vectors"
+    assert set(result.routes) == {n for n, _ in model.named_parameters()}
+
+    model, batch = build("sequence_zoo", torch.float64)
+    routes = nio_fast.gradcosine(model, batch, sub_batches="samples").routes
+    assert routes["embed.weight"] == "vectors"  # tied with F.linear: uses of two kinds
+    assert routes["position"] == routes["layer_scale"] == "vectors"
+    assert routes["mix.weight"] in ("ghost", "materialize")
+
+    model, batch = build("recurrent", torch.float64)
+    routes = nio_fast.gradcosine(model, batch, sub_batches="samples").routes
+    assert all(routes[name] == "autograd" for name in routes if name.startswith("rnn."))
+    assert routes["head.weight"] in ("ghost", "materialize")
+
+
+@pytest.mark.parametrize("forced", ["ghost", "materialize"])
+def test_both_outer_routes_are_exact(forced, monkeypatch):
+    from nio_fast.samplewise import engine
+    monkeypatch.setattr(engine, "choose_outer_route", lambda *sizes: forced)
+    for name in ("conv_zoo", "token_transformer"):
+        model, batch = build(name, torch.float64)
+        result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
+        assert forced in set(result.routes.values())
+
+
+@pytest.mark.parametrize("sub_batches,overlap", [(2, 0.0), (3, 0.3), (4, 0.0), (5, 0.5)])
+@pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer"])
+def test_factor_mode_chunk_grams_equal_the_sub_batch_reference(name, sub_batches, overlap):
+    model, batch = build(name, torch.float64, seed=1)
+    result = check_against_reference(model, batch, 1e-10, sub_batches=sub_batches, overlap=overlap,
+                                     mode="factors")
+    assert result.mode == "factors"
+
+
+def test_batchnorm_model_runs_the_exact_whole_batch_semantics():
+    model, batch = build("bn_cnn", torch.float64)
+    result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
+    assert result.mode == "exact"
+    with pytest.raises(ValueError, match="mode: 'factors' needs a model without batch coupling"):
+        nio_fast.gradcosine(model, batch, sub_batches="samples", mode="factors")
+
+
+def test_factor_mode_refuses_a_loss_that_is_not_a_per_sample_mean():
+    model, batch = build("conv_zoo", torch.float64)
+
+    def sum_loss(outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="sum")
+    with pytest.raises(ValueError, match="loss_fn: mode='factors' with sub-batches"):
+        nio_fast.gradcosine(model, batch, sum_loss, sub_batches=3, mode="factors")
+    # one chunk per sample needs no such assumption: the spec's chunk loss IS the sample's loss
+    names, params = trainable(model)
+    result = nio_fast.gradcosine(model, batch, sum_loss, sub_batches="samples", create_graph=True)
+    with spec_modes(model):
+        gc, *_ = reference_gradcosine(model, *batch, sum_loss, params, len(batch[1]), 0.0)
+    assert abs(float(result.value) - float(gc)) < 1e-10
+
+
+def test_bad_samples_arguments_are_named():
+    model, batch = build("mlp", torch.float64)
+    with pytest.raises(ValueError, match="sub_batches: expected an integer >= 2 or 'samples'"):
+        nio_fast.gradcosine(model, batch, sub_batches="sample")
+    with pytest.raises(ValueError, match="overlap: must be 0 with sub_batches='samples'"):
+        nio_fast.gradcosine(model, batch, sub_batches="samples", overlap=0.2)
+    with pytest.raises(ValueError, match="needs at least 2"):
+        nio_fast.gradcosine(model, (batch[0][:1], batch[1][:1]), sub_batches="samples")
+
+
+def test_samplewise_nio_matches_the_reference_loop():
+    """initialize(sub_batches="samples") takes the same steps as NIO with D = N by the reference."""
+    from reference import reference_nio
+    model, batch = build("conv_zoo", torch.float64, seed=3)
+    twin = make_zoo_model("conv_zoo", torch.float64, seed=3)
+    names, params = trainable(twin)
+    report = nio_fast.initialize(model, batch, sub_batches="samples", iters=4, gamma=5.0, progress=False)
+    reference_nio(twin, [batch], F.cross_entropy, names, params, iters=4, sub_batches=len(batch[1]), gamma=5.0)
+    assert report.iterations == 4
+    for (name, mine), theirs in zip(model.named_parameters(), twin.parameters()):
+        assert_near(mine.detach(), theirs.detach(), 1e-8, name)
