@@ -4,13 +4,16 @@
 
 prints one JSON line: the resident set after building the model and the batch, the peak
 after one iteration (reference, nio_fast) or training step (step), and their difference. A
-fresh process per measurement: ru_maxrss only ever grows, so nothing else may have run before.
+fresh process per measurement: the high-water mark only ever grows, so nothing else may have
+run before. The peak is VmHWM of /proc/self/status, which exec resets; ru_maxrss does not
+(a process started from a big parent, e.g. pytest after the timing suite, inherits its peak).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import re
 import sys
 from pathlib import Path
 
@@ -25,6 +28,11 @@ from test_iteration import nio_fast_iteration, reference_iteration, training_ste
 def resident_mb() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_resident_mb() -> float:
+    with open("/proc/self/status") as status:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", status.read()).group(1)) / 1024
 
 
 def main() -> None:
@@ -44,7 +52,7 @@ def main() -> None:
         reference_iteration(model, batch, args.sub_batches)
     else:
         nio_fast_iteration(model, batch, args.sub_batches)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_resident_mb()
     print(json.dumps({"baseline_mb": baseline, "peak_mb": peak, "extra_mb": peak - baseline}))
 
 
