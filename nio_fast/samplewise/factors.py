@@ -57,6 +57,25 @@ def conv_patches(use: LayerUse, weight_shape: Sequence[int]) -> torch.Tensor:
     return F.unfold(x, kernel, dilation=dilation, stride=stride)
 
 
+def conv_weight_per_sample(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[int]) -> torch.Tensor:
+    """[N, *weight_shape]: per-sample conv weight gradients as ONE grouped weight-gradient
+    convolution, the samples stacked as groups (no unfolded input: on 2 CPU cores this measured
+    1.4-4.5x faster than unfold + bmm for ResNet layer shapes, /tmp-style microbenchmark in the
+    commit message)."""
+    x = use.inputs
+    num, dims, groups = x.shape[0], use.config["spatial_dims"], use.config["groups"]
+    pads = _conv_padding(use, weight_shape)
+    if any(before or after for before, after in pads):
+        x = F.pad(x, [amount for before_after in reversed(pads) for amount in before_after])
+    stacked_shape = (num * weight_shape[0],) + tuple(weight_shape[1:])
+    weight_grad = torch.nn.grad.conv1d_weight if dims == 1 else torch.nn.grad.conv2d_weight
+    grads = weight_grad(x.reshape(1, -1, *x.shape[2:]), stacked_shape,
+                        output_grad.reshape(1, -1, *output_grad.shape[2:]),
+                        stride=use.config["stride"], padding=0, dilation=use.config["dilation"],
+                        groups=num * groups)
+    return grads.reshape(num, *weight_shape)
+
+
 def outer_factors(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[int]
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(A [N, T, d], B [N, T, p]) of a linear or ungrouped conv weight."""
@@ -82,11 +101,7 @@ def per_sample_vectors(use: LayerUse, role: str, output_grad: torch.Tensor, para
         a, b3 = outer_factors(use, output_grad, param.shape)
         return torch.einsum("ntp,ntd->npd", b3, a).reshape(num, -1)
     if use.kind == CONV:
-        groups = use.config["groups"]
-        patches = conv_patches(use, param.shape)  # [N, groups * d_g, L]
-        patches = patches.reshape(num, groups, -1, patches.shape[-1])
-        grads = b.reshape(num, groups, -1, patches.shape[-1])
-        return torch.einsum("ngpl,ngdl->ngpd", grads, patches).reshape(num, -1)
+        return conv_weight_per_sample(use, b, param.shape).reshape(num, -1)
     if use.kind == EMBEDDING:
         return _embedding_vectors(use, b, param)
     if use.kind == LAYER_NORM:
