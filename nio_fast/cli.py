@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 logger = logging.getLogger("nio_fast")
 
@@ -210,8 +210,8 @@ def command_gradcosine(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(numbers))
         return 0
-    print(f"GradCosine: {numbers['gradcosine']:.6f}  ({args.sub_batches} sub-batches of a batch of "
-          f"{numbers['batch_size']}, overlap {args.overlap}, mode {args.mode})")
+    print(f"GradCosine: {numbers['gradcosine']:.6f}  ({len(result.chunks)} sub-batches of a batch of "
+          f"{numbers['batch_size']}, overlap {args.overlap}, mode {result.mode})")
     print("norms: " + " ".join(f"{n:.6g}" for n in numbers["norms"]))
     print("Gram:")
     for row in numbers["gram"]:
@@ -279,13 +279,25 @@ def _add_model_and_data(parser: argparse.ArgumentParser, batch_size_help: str) -
                         help="ImageFolder images are resized and centre-cropped to this (default: %(default)s)")
 
 
+def _sub_batches(text: str) -> Union[int, str]:
+    """An integer D, or "samples" (one chunk per sample); the API checks the value."""
+    if text == "samples":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2 or 'samples', got {text!r}") from None
+
+
 def _add_sampling(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> None:
-    parser.add_argument("--sub-batches", type=int, default=defaults["sub_batches"],
-                        help="D >= 2 contiguous sub-batches per batch (default: %(default)s)")
+    parser.add_argument("--sub-batches", type=_sub_batches, default=defaults["sub_batches"],
+                        help="D >= 2 contiguous sub-batches per batch, or 'samples' for one per sample "
+                             "(sample-wise GradCosine) (default: %(default)s)")
     parser.add_argument("--overlap", type=float, default=defaults["overlap"],
                         help="overlap r in [0, 1) between neighbouring sub-batches (default: %(default)s)")
     parser.add_argument("--mode", default=defaults["mode"],
-                        help="auto, exact (whole-batch forward) or per_chunk (default: %(default)s)")
+                        help="auto, exact (whole-batch forward), per_chunk, or factors (per-sample Gram "
+                             "from layer factors) (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,14 @@ def test_gradcosine_prints_value_norms_and_gram():
     torch.testing.assert_close(torch.tensor(numbers["norms"]) ** 2, gram.diagonal(), rtol=1e-4, atol=1e-7)
 
 
+def test_gradcosine_sample_wise():
+    done = run_cli("gradcosine", *TINY_MLP, "--data", "digits", "--sub-batches", "samples",
+                   "--batch-size", 6, "--seed", 0, "--json")
+    assert done.returncode == 0, done.stderr
+    numbers = json.loads(done.stdout)
+    assert torch.tensor(numbers["gram"]).shape == (6, 6) and numbers["sub_batches"] == "samples"
+
+
 def test_a_bad_path_is_one_line_and_exit_code_2(tmp_path):
     done = run_cli("init", *TINY_MLP, "--data", tmp_path / "missing", "--out", tmp_path / "m.pt")
     assert done.returncode == 2
@@ -122,6 +130,7 @@ def _folder_without_images(tmp_path):
         ([*TINY_MLP, "--data", "digits", "--gamma", "-1"], "gamma: must be > 0"),
         ([*TINY_MLP, "--data", "digits", "--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
         (["gradcosine", *TINY_MLP, "--data", "digits", "--sub-batches", "1"], "sub_batches: expected an integer >= 2"),
+        (["gradcosine", *TINY_MLP, "--data", "digits", "--sub-batches", "some"], "expected an integer >= 2 or 'samples'"),
         (["gradcosine", *TINY_MLP, "--data", _empty_folder], "no class subfolders"),
         (["gradcosine", *TINY_MLP, "--data", _folder_without_images], "contains no images"),
         (["demo", "--seeds", "0"], "seeds must be an integer >= 1"),
