@@ -40,6 +40,11 @@ def test_quick_run_writes_json_markdown_and_png(name, tmp_path, capsys):
     assert markdown in capsys.readouterr().out  # the table is printed too
     assert (tmp_path / f"quality_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # --render rewrites the page from the JSON alone, to the same text
+    (tmp_path / f"quality_{name}.md").unlink()
+    assert module.run(["--quick", "--render", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"quality_{name}.md").read_text() == markdown
+
 
 def test_failure_criterion():
     from benchmarks.quality.common import training_failed

@@ -88,6 +88,9 @@ class Experiment:
     gradcosine_batch_size: int
     make_scheduler: Optional[Schedulers] = None
     failure_column: str = "failed runs"
+    # Drop each epoch's short last batch (with BatchNorm, a 3-sample batch would feed the
+    # running statistics a poor estimate).
+    drop_last: bool = False
     # Quick runs only: measure losses and accuracy on the first this-many samples of each split
     # (a full-split forward of the 32x32 ResNet takes about a second).
     eval_samples: Optional[int] = None
@@ -100,6 +103,7 @@ class Experiment:
             "methods": [method.describe() for method in self.methods],
             "optimizer": self.optimizer_description, "learning_rates": self.learning_rates,
             "seeds": self.seeds, "steps": self.steps, "batch_size": self.batch_size,
+            "drop_last": self.drop_last,
             "init_batch_size": self.init_batch_size, "early_step": self.early_step,
             "gradcosine_batch_size": self.gradcosine_batch_size, "eval_samples": self.eval_samples,
         }
@@ -174,7 +178,8 @@ def run_experiment(experiment: Experiment, log: Callable[[str], None] = print) -
                     optimizer = experiment.make_optimizer(trained.parameters(), lr)
                     scheduler = (experiment.make_scheduler(optimizer, experiment.steps)
                                  if experiment.make_scheduler else None)
-                    loader = digits_loader("train", experiment.layout, batch_size=experiment.batch_size, seed=seed)
+                    loader = digits_loader("train", experiment.layout, batch_size=experiment.batch_size, seed=seed,
+                                           drop_last=experiment.drop_last)
                     step_losses, loss_early = train_for_steps(
                         trained, loader, optimizer, experiment.steps, early_step=experiment.early_step,
                         early_eval_set=train_set, scheduler=scheduler)
@@ -264,10 +269,13 @@ def markdown_report(experiment: Experiment, rows: list[dict[str, Any]], info: di
         f"Python {info['python']}, torch {info['torch']}, nio_fast commit {info['commit']}; "
         f"{total_seconds:.0f} s wall clock in all, {cpu_seconds:.0f} s of CPU time (the machine is shared: "
         "wall time grows with its load, CPU time much less).", "",
-        f"Training: {experiment.optimizer_description}, {experiment.steps} steps of batch {experiment.batch_size}, "
+        f"Training: {experiment.optimizer_description}, {experiment.steps} steps of batch {experiment.batch_size}"
+        + (" (each epoch's short last batch dropped)" if experiment.drop_last else "") + ", "
         f"{experiment.seeds} seeds (0..{experiment.seeds - 1}); learned initializations use batches of "
         f"{experiment.init_batch_size}. GradCosine and the mean sub-batch gradient norm at init are measured "
-        f"on one fixed training batch of {experiment.gradcosine_batch_size} (2 sub-batches). Cells: mean ± "
+        f"on one fixed training batch of {experiment.gradcosine_batch_size} (2 sub-batches). *init s*: wall "
+        "time of the redraw and of nio_fast.initialize, for learned methods with one GradCosine evaluation "
+        "before it (the shared machine's load inflates it). Cells: mean ± "
         "standard deviation over seeds. A run *failed* when a training loss was non-finite, the final "
         "training-set loss was not below the loss at init, or test accuracy was <= 20% (chance: 10%).", "",
         "Methods:", "",
@@ -369,6 +377,22 @@ def write_outputs(experiment: Experiment, results: list[RunResult], out: Path,
     return paths
 
 
+def render(experiment: Experiment, out: Path) -> dict[str, Path]:
+    """Rewrite quality_<name>.md and .png from the quality_<name>.json in ``out`` (same numbers,
+    current formatting); seeds, steps and learning rates are the JSON's."""
+    json_path = out / f"quality_{experiment.name}.json"
+    record = json.loads(json_path.read_text())
+    config = record["config"]  # the run's own budget, not the script's current one
+    experiment.seeds, experiment.steps = config["seeds"], config["steps"]
+    experiment.learning_rates, experiment.drop_last = config["learning_rates"], config.get("drop_last", False)
+    results = results_from_json(json_path)
+    paths = {"json": json_path, "md": json_path.with_suffix(".md"), "png": json_path.with_suffix(".png")}
+    paths["md"].write_text(markdown_report(experiment, summarize(experiment, results), record["machine"],
+                                           record["total_seconds"], record.get("cpu_seconds", math.nan)))
+    plot(experiment, results, paths["png"])
+    return paths
+
+
 def main(build: Callable[[bool], Experiment], argv: Optional[Sequence[str]] = None) -> int:
     """Command line of one experiment: ``build(quick)`` gives its configuration."""
     parser = argparse.ArgumentParser(description=(build.__doc__ or "").strip().splitlines()[0])
@@ -376,12 +400,18 @@ def main(build: Callable[[bool], Experiment], argv: Optional[Sequence[str]] = No
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the experiment's)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no per-run lines")
+    parser.add_argument("--render", action="store_true",
+                        help="no training: rewrite the .md and .png from the .json already in --out")
     args = parser.parse_args(argv)
     experiment = build(args.quick)
     if args.seeds is not None:
         if args.seeds < 1:
             parser.error("--seeds must be >= 1")
         experiment.seeds = args.seeds
+    if args.render:
+        paths = render(experiment, args.out)
+        print(paths["md"].read_text())
+        return 0
     started, cpu_started = time.perf_counter(), time.process_time()
     results = run_experiment(experiment, log=(lambda line: None) if args.quiet
                              else (lambda line: print(line, file=sys.stderr, flush=True)))
