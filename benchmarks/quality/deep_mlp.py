@@ -60,6 +60,10 @@ def methods(iters: int) -> list[Method]:
                 "objective": "gc_gn_sqrt", "mu": 1.0}),
         Method("nio_published_on_default", "NIO gamma 5 on the PyTorch default draw", None, "nio",
                {"iters": iters, "gamma": 5.0}),
+        Method("nio_samples_library", "sample-wise NIO, library defaults", kaiming_normal, "nio",
+               {"iters": iters, "sub_batches": "samples"}),
+        Method("nio_samples_published", "sample-wise NIO, gamma 5", kaiming_normal, "nio",
+               {"iters": iters, "gamma": 5.0, "sub_batches": "samples"}),
     ]
 
 
@@ -67,7 +71,9 @@ NOTES = """Learned methods start from the Kaiming draw of the same seed, except 
 default draw, kaiming_uniform with a = sqrt(5), which vanishes through 20 layers). "Library
 defaults" means nio_fast.initialize's defaults: gamma measured on the first batch, scale lr 0.05,
 100 iterations, D = 2 (NIO), inner SGD with eta 0.1 (GradInit). The ImageNet config is the NIO
-ResNet-50 one (gamma 10, lr 0.003, D = 4, overlap 0.2, objective gc_gn_sqrt, mu 1)."""
+ResNet-50 one (gamma 10, lr 0.003, D = 4, overlap 0.2, objective gc_gn_sqrt, mu 1). Sample-wise
+NIO (sub_batches="samples") is the same algorithm with one chunk per sample (D = N = 128): the
+GradCosine of the paper's theory instead of its two-sub-batch stand-in."""
 
 
 def build(quick: bool = False) -> Experiment:

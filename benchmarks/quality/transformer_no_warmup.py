@@ -48,6 +48,10 @@ def methods(iters: int) -> list[Method]:
                {"iters": iters, "inner": "adam", "eta": 1e-3, "lr": 2.5e-3}),
         Method("nio_library", "NIO, library defaults", None, "nio", {"iters": iters}),
         Method("nio_published", "NIO, published (gamma 5)", None, "nio", {"iters": iters, "gamma": 5.0}),
+        Method("nio_samples_library", "sample-wise NIO, library defaults", None, "nio",
+               {"iters": iters, "sub_batches": "samples"}),
+        Method("nio_samples_published", "sample-wise NIO, gamma 5", None, "nio",
+               {"iters": iters, "gamma": 5.0, "sub_batches": "samples"}),
     ]
 
 
@@ -57,7 +61,8 @@ model is trained at each learning rate from the same weights and batch order. Gr
 IWSLT'14 setting is inner Adam, eta 1e-3, scale lr 2.5e-3 (beta2 0.98, 780 iterations there; here
 Adam's beta2 0.999 of nio_fast's scale optimizer and 100 iterations); its gamma is not given in
 GRADINIT.md, so it is measured on the first batch. "Library defaults" = nio_fast.initialize's
-defaults with only inner="adam" set for GradInit."""
+defaults with only inner="adam" set for GradInit. Sample-wise NIO (sub_batches="samples") has one
+chunk per sample (D = N = 64) instead of two sub-batches."""
 
 
 def build(quick: bool = False) -> Experiment:
