@@ -143,8 +143,10 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
             chunk alone), ``"factors"`` (the per-sample Gram from layer inputs and output
             gradients, one backward in all; ``nio_fast.samplewise``; no batch coupling), or
             ``"auto"``: ``"exact"`` when a BatchNorm couples samples, else ``"factors"`` for
-            ``"samples"`` and ``"per_chunk"`` otherwise. Every mode gives the same value where
-            it applies; ``result.routes`` tells how ``"factors"`` handled each tensor.
+            ``"samples"``, and ``"per_chunk"`` otherwise, except that ``"factors"`` replaces
+            per_chunk's loop over chunks (unequal chunks, or a model vmap cannot run) when it
+            applies. Every mode gives the same value where it applies; ``result.mode`` says
+            which ran and ``result.routes`` how ``"factors"`` handled each tensor.
         create_graph: keep the graph so the result can be differentiated.
         backend: Gram backend, see :func:`nio_fast.ops.gram`.
         process_group: a ``torch.distributed`` process group; None uses the default group when

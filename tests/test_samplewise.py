@@ -152,3 +152,29 @@ def test_samplewise_nio_matches_the_reference_loop():
     assert report.iterations == 4
     for (name, mine), theirs in zip(model.named_parameters(), twin.parameters()):
         assert_near(mine.detach(), theirs.detach(), 1e-8, name)
+
+
+def test_auto_takes_factors_where_per_chunk_would_loop():
+    # equal chunks on a vmappable model: vmap over chunks stays the choice
+    model, batch = build("mlp", torch.float64)
+    assert nio_fast.gradcosine(model, batch, sub_batches=3).mode == "per_chunk"
+    # unequal chunks (overlap): the loop would run, factors replaces it
+    assert check_against_reference(model, batch, 1e-10, sub_batches=3, overlap=0.3).mode == "factors"
+    # layer_norm: vmap is refused on the first call (loop), factors from the second on
+    model, batch = build("token_transformer", torch.float64)
+    assert nio_fast.gradcosine(model, batch, sub_batches=3).mode == "per_chunk"
+    assert check_against_reference(model, batch, 1e-10, sub_batches=3).mode == "factors"
+
+
+def test_auto_keeps_the_loop_for_a_loss_that_is_not_a_sample_mean():
+    model, batch = build("token_transformer", torch.float64)
+
+    def sum_loss(outputs, targets):
+        return F.cross_entropy(outputs, targets, reduction="sum")
+    names, params = trainable(model)
+    for _ in range(2):
+        result = nio_fast.gradcosine(model, batch, sum_loss, sub_batches=3, overlap=0.2)
+        assert result.mode == "per_chunk"
+    with spec_modes(model):
+        gc, *_ = reference_gradcosine(model, *batch, sum_loss, params, 3, 0.2)
+    assert abs(float(result.value) - float(gc)) < 1e-10

@@ -9,7 +9,9 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
   backward instead of D small ones); a model vmap cannot run falls back to a loop over chunks;
 - ``"factors"``: the per-sample Gram from layer factors (``nio_fast.samplewise``: one
   forward, one backward), reduced to the chunks' Gram by their averaging weights. No chunk
-  gradient is ever formed; it is how ``sub_batches="samples"`` (D = N) runs by default.
+  gradient is ever formed; it is how ``sub_batches="samples"`` (D = N) runs by default, and
+  what ``"auto"`` takes instead of the per_chunk LOOP (not instead of vmap) when every
+  parameter has a factor rule and the chunk loss is the mean of its samples' losses.
 """
 from __future__ import annotations
 
@@ -228,9 +230,13 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     """
     chunks_here = chunks_for(sub_batches, num_samples(inputs)) if distributed is None else distributed.local_chunks
     bounds = chunk_bounds(num_samples(inputs), chunks_here, overlap)
-    mode = resolve_mode(mode, model, sub_batches)
+    requested, mode = mode, resolve_mode(mode, model, sub_batches)
     if mode == "factors":
         return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph)
+    if requested == "auto" and mode == "per_chunk" and distributed is None and _factors_replace_loop(model, bounds):
+        result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
+        if result is not None:
+            return result
     if mode == "per_chunk":
         grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph)
     else:
@@ -244,6 +250,40 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
         gram = ops.gram(grads, backend=backend)
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, bounds, mode)
+
+
+# Per model: whether "auto" may take "factors" where per_chunk would loop over chunks (True),
+# or why not (a string). The loop costs one forward and backward per chunk, so its time grows
+# with D (the small ViT: 3.1 training steps at D = 2, 5.8 at D = 16, benchmarks/results/
+# iteration.md); "factors" is one forward and one backward whatever D. vmap over chunks, where it
+# runs, is as cheap and stays the choice (GroupNorm ResNet-20: 3.2 steps against 6.6 for factors).
+_FACTORS_VERDICT: "weakref.WeakKeyDictionary[nn.Module, Union[bool, str]]" = weakref.WeakKeyDictionary()
+
+
+def _factors_replace_loop(model: nn.Module, bounds: Sequence[tuple[int, int]]) -> bool:
+    if _FACTORS_VERDICT.get(model, True) is not True:
+        return False
+    vmap_will_run = equal_chunks(bounds) and _VMAP_VERDICT.get(model) in (None, True)
+    return not vmap_will_run
+
+
+def _factors_instead_of_loop(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
+                             params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
+                             create_graph: bool) -> Optional[GradCosineResult]:
+    """"factors" for "auto", or None where it does not apply (the loss is not a per-sample mean)."""
+    from ..samplewise.engine import AUTOGRAD
+    try:
+        result = _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph)
+    except NotASampleMean as error:
+        _FACTORS_VERDICT[model] = str(error)
+        return None
+    if AUTOGRAD in result.routes.values():  # exact, but one backward per sample: not again
+        _FACTORS_VERDICT[model] = "some parameters have no factor rule"
+    return result
+
+
+class NotASampleMean(ValueError):
+    """The loss of a chunk is not the mean of its samples' losses."""
 
 
 def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
@@ -283,7 +323,7 @@ def _check_mean_loss(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossF
         for start, end in bounds:
             chunk = scalar_loss(loss_fn(slice_rows(outputs, start, end), slice_rows(targets, start, end)))
             if not torch.allclose(chunk, samples[start:end].mean(), rtol=1e-4, atol=1e-6):
-                raise ValueError("loss_fn: mode='factors' with sub-batches needs the loss of a chunk to be the mean of "
+                raise NotASampleMean("loss_fn: mode='factors' with sub-batches needs the loss of a chunk to be the mean of "
                                  f"its samples' losses; chunk {start}:{end} gives {chunk.item():.6g}, the mean of its "
                                  f"samples' {samples[start:end].mean().item():.6g} (use mode='per_chunk' or 'exact')")
     checked.add(id(loss_fn))
