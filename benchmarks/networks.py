@@ -1,4 +1,5 @@
-"""The networks the benchmarks time: CIFAR-style ResNet-20 (BatchNorm or GroupNorm) and a small ViT."""
+"""The networks the benchmarks time: CIFAR-style ResNet-20 (BatchNorm or GroupNorm), a GroupNorm
+ResNet-18 for 32x32 inputs, and a small ViT."""
 from __future__ import annotations
 
 import torch
@@ -25,16 +26,19 @@ class BasicBlock(nn.Module):
         return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet20(nn.Module):
-    """He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks, 16/32/64 channels (0.27M parameters)."""
+class CifarResNet(nn.Module):
+    """A CIFAR-style ResNet of basic blocks: a 3x3 stem conv, stages of ``blocks[i]`` blocks at
+    ``width * multipliers[i]`` channels whose first block has stride ``strides[i]``, global
+    average pooling and a linear head."""
 
-    def __init__(self, norm: str = "batch", classes: int = 10, width: int = 16):
+    def __init__(self, norm: str = "batch", classes: int = 10, width: int = 16, blocks=(3, 3, 3),
+                 multipliers=(1, 2, 4), strides=(1, 2, 2)):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), _norm(norm, width), nn.ReLU())
         layers, channels = [], width
-        for stage, stride in enumerate((1, 2, 2)):
-            out = width * 2 ** stage
-            for block in range(3):
+        for count, multiplier, stride in zip(blocks, multipliers, strides, strict=True):
+            out = width * multiplier
+            for block in range(count):
                 layers.append(BasicBlock(channels, out, stride if block == 0 else 1, norm))
                 channels = out
         self.layers = nn.Sequential(*layers)
@@ -42,6 +46,21 @@ class ResNet20(nn.Module):
 
     def forward(self, x):
         return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
+
+
+class ResNet20(CifarResNet):
+    """He et al.'s CIFAR ResNet-20: 3 stages of 3 basic blocks, 16/32/64 channels (0.27M parameters)."""
+
+    def __init__(self, norm: str = "batch", classes: int = 10, width: int = 16):
+        super().__init__(norm, classes, width)
+
+
+class ResNet18(CifarResNet):
+    """ResNet-18 for 32x32 inputs (the usual CIFAR variant: 3x3 stem, no max-pool): 4 stages of 2
+    basic blocks, 64/128/256/512 channels, strides 1/2/2/2 (11.2M parameters at width 64)."""
+
+    def __init__(self, norm: str = "group", classes: int = 10, width: int = 64):
+        super().__init__(norm, classes, width, blocks=(2, 2, 2, 2), multipliers=(1, 2, 4, 8), strides=(1, 2, 2, 2))
 
 
 class SmallViT(nn.Module):
@@ -64,13 +83,17 @@ class SmallViT(nn.Module):
 MODELS = {
     "resnet20_gn": lambda: ResNet20("group"),
     "resnet20_bn": lambda: ResNet20("batch"),
+    # GroupNorm: no layer couples the samples of a batch (sample-wise GradCosine's "factors" mode)
+    "resnet18_gn": lambda **options: ResNet18("group", **options),
     "vit_small": SmallViT,
 }
 
 
-def make(name: str, seed: int = 0) -> nn.Module:
+def make(name: str, seed: int = 0, **options) -> nn.Module:
+    """The network ``name`` of MODELS, seeded; ``options`` go to its constructor (e.g. a ResNet's
+    ``width``, which the quick runs of test_samplewise.py shrink)."""
     torch.manual_seed(seed)
-    return MODELS[name]()
+    return MODELS[name](**options)
 
 
 def images(batch: int, classes: int = 10, seed: int = 0):

@@ -1,9 +1,11 @@
 """Peak resident memory of one NIO iteration, measured in a fresh process.
 
-    python benchmarks/peak_memory.py MODEL IMPLEMENTATION D [--batch N]
+    python benchmarks/peak_memory.py MODEL IMPLEMENTATION [D] [--batch N] [--threads T] [--width W]
 
 prints one JSON line: the resident set after building the model and the batch, the peak
-after one iteration (reference, nio_fast) or training step (step), and their difference. A
+after one iteration (reference, nio_fast), training step (step), or sample-wise GradCosine
+with its backward (samplewise: from layer factors; vmap_samples: from per-sample gradients by
+vmap; both take D = N, see test_samplewise.py), and their difference. A
 fresh process per measurement: the high-water mark only ever grows, so nothing else may have
 run before. The peak is VmHWM of /proc/self/status, which exec resets; ru_maxrss does not
 (a process started from a big parent, e.g. pytest after the timing suite, inherits its peak).
@@ -23,6 +25,9 @@ import torch  # noqa: E402
 
 from networks import images, make  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration, training_step  # noqa: E402
+from test_samplewise import samplewise_evaluation, vmap_samples_evaluation  # noqa: E402
+
+SAMPLEWISE = {"samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation}
 
 
 def resident_mb() -> float:
@@ -38,16 +43,28 @@ def peak_resident_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
-    parser.add_argument("implementation", choices=("step", "reference", "nio_fast"))
-    parser.add_argument("sub_batches", type=int)
+    parser.add_argument("implementation", choices=("step", "reference", "nio_fast", *SAMPLEWISE))
+    parser.add_argument("sub_batches", type=int, nargs="?", default=2,
+                        help="D for reference and nio_fast (ignored by the others)")
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: thread-pool buffers would otherwise blur small differences)")
+    parser.add_argument("--width", type=int, help="a ResNet's base width (quick runs shrink it)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="one call on 2 samples before the baseline: the first call of sample-wise GradCosine "
+                             "or vmap imports ~900 modules (sympy, torch._dynamo: ~190 MB), a one-time cost")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # thread-pool buffers would otherwise blur small differences
-    model, batch = make(args.model), images(args.batch)
+    torch.set_num_threads(args.threads)
+    options = {} if args.width is None else {"width": args.width}
+    model, batch = make(args.model, **options), images(args.batch)
     import nio_fast  # noqa: F401  (import cost and the extension are part of the baseline)
+    if args.warmup and args.implementation in ("step", *SAMPLEWISE):
+        (SAMPLEWISE.get(args.implementation) or training_step)(model, images(2, seed=1))
     baseline = resident_mb()
     if args.implementation == "step":
         training_step(model, batch)
+    elif args.implementation in SAMPLEWISE:
+        SAMPLEWISE[args.implementation](model, batch)
     elif args.implementation == "reference":
         reference_iteration(model, batch, args.sub_batches)
     else:

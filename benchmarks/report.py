@@ -134,6 +134,115 @@ GRAM_MEMORY_NOTES = ("Extra: bytes the op allocates beyond its inputs and its re
                      "up to 1 GiB of gradients: its fraction does not depend on size.")
 
 
+SAMPLEWISE_TARGETS = {"N": 64, "steps": 5.0, "memory": 2.0, "growth": (16, 256, 2.0)}
+
+
+def _ratio(part, whole):
+    return part / whole if part is not None and whole else None
+
+
+def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
+    """One row per model and N: seconds and peak MB of a training step, sample-wise GradCosine with
+    its backward (factors) and the vmap baseline, their ratios, and why a case was skipped."""
+    seconds, megabytes, routes = defaultdict(dict), defaultdict(dict), {}
+    skipped = defaultdict(lambda: defaultdict(list))  # (model, N) -> reason -> ["seconds", "memory"]
+    for r in timing:
+        seconds[(r["model"], r["N"])][r["implementation"]] = r.get("seconds")
+        if r.get("routes"):
+            routes[(r["model"], r["N"])] = r["routes"]
+    for r in memory:
+        megabytes[(r["model"], r["N"])][r["implementation"]] = r.get("extra_mb")
+    for rows, measure in ((timing, "seconds"), (memory, "memory")):
+        for r in rows:
+            if r.get("skipped"):
+                skipped[(r["model"], r["N"])][r["skipped"]].append(measure)
+    table = []
+    for model, n in sorted(set(seconds) | set(megabytes)):
+        s, m = seconds[(model, n)], megabytes[(model, n)]
+        table.append({
+            "model": model, "N": n, "step s": s.get("step"), "sample-wise s": s.get("samplewise"),
+            "vmap s": s.get("vmap_samples"), "sample-wise / step": _ratio(s.get("samplewise"), s.get("step")),
+            "vmap / sample-wise": _ratio(s.get("vmap_samples"), s.get("samplewise")),
+            "step MB": m.get("step"), "sample-wise MB": m.get("samplewise"), "vmap MB": m.get("vmap_samples"),
+            "sample-wise MB / step MB": _ratio(m.get("samplewise"), m.get("step")),
+            "routes (sample-wise)": routes.get((model, n)),
+            "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
+                                 for reason, measures in skipped[(model, n)].items()) or None,
+        })
+    return table
+
+
+def _verdict(value, limit: float, strict: bool = False) -> str:
+    if value is None:
+        return "not measured"
+    return "met" if (value < limit if strict else value <= limit) else "MISSED"
+
+
+def _samplewise_notes(table: list[dict]) -> str:
+    """Per model: the growth of the sample-wise time over N and the targets' verdicts."""
+    n_target, (low, high, growth_limit) = SAMPLEWISE_TARGETS["N"], SAMPLEWISE_TARGETS["growth"]
+    lines = []
+    for model in sorted({r["model"] for r in table}):
+        rows = {r["N"]: r for r in table if r["model"] == model}
+        timed = sorted(n for n, r in rows.items() if r["sample-wise s"])
+        if low in timed and high in timed:
+            growth = rows[high]["sample-wise s"] / rows[low]["sample-wise s"]
+            growth_text = (f"sample-wise time grows x{growth:.2f} from N = {low} to N = {high} "
+                           f"(target < {growth_limit:g}: {_verdict(growth, growth_limit, strict=True)})")
+        elif len(timed) >= 2:
+            growth = rows[timed[-1]]["sample-wise s"] / rows[timed[0]]["sample-wise s"]
+            growth_text = (f"sample-wise time grows x{growth:.2f} from N = {timed[0]} to N = {timed[-1]} "
+                           f"(target < {growth_limit:g} from N = {low} to {high}: not measured)")
+        else:
+            growth_text = f"sample-wise time growth from N = {low} to N = {high}: not measured"
+        at = rows.get(n_target, {})
+        steps, memory = at.get("sample-wise / step"), at.get("sample-wise MB / step MB")
+        steps_text = f"{steps:.2f} training steps" if steps is not None else "? training steps"
+        memory_text = f"{memory:.2f}x a step's peak memory" if memory is not None else "? x a step's peak memory"
+        lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {steps_text} "
+                     f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}) "
+                     f"and {memory_text} (target <= {SAMPLEWISE_TARGETS['memory']:g}: "
+                     f"{_verdict(memory, SAMPLEWISE_TARGETS['memory'])}).")
+    return "\n".join(lines)
+
+
+SAMPLEWISE_NOTES = (
+    "step: one training step (forward + backward). sample-wise: nio_fast.gradcosine(sub_batches=\"samples\", "
+    "mode=\"factors\", create_graph=True) and autograd.grad(value, params), one NIO-like evaluation (routes: "
+    "how many parameter tensors took each route of nio_fast.samplewise). vmap: per-sample gradients by "
+    "vmap(grad(loss)) with graph, ops.gram, GradCosine and the same backward (on vit_small its double backward "
+    "through layer_norm is inexact in torch 2.13, tests/test_vmap_safety.py: timed for its cost only). Seconds: "
+    "medians of test_samplewise.py's schedule (one or two timed calls after at most one warm-up). MB: peak resident "
+    "memory of one call in a fresh process above the process with model and batch built and one warm-up call on 2 "
+    "samples made (the first call's lazy imports, ~190 MB, are not the method's; peak_memory.py --warmup). vmap "
+    "is skipped where its per-sample gradients (N x parameters x 4 B x 3) would pass 6 GB.")
+
+
+def _plot_samplewise(table: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = sorted({r["model"] for r in table})
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    for axis, model in zip(axes[0], models):
+        rows = sorted((r for r in table if r["model"] == model), key=lambda r: r["N"])
+        for column, label, style in (("step s", "one training step", "^:"), ("sample-wise s", "sample-wise", "s-"),
+                                     ("vmap s", "vmap per-sample", "o--")):
+            points = [(r["N"], r[column]) for r in rows if r[column]]
+            if points:
+                axis.plot(*zip(*points), style, label=label)
+        sizes = [r["N"] for r in rows]
+        axis.set(title=model, xlabel="batch N (one chunk per sample)", ylabel="seconds", xscale="log", yscale="log")
+        if sizes:
+            axis.set_xticks(sizes, labels=[str(n) for n in sizes])
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(harness.RESULTS / "samplewise.png", dpi=120)
+    plt.close(fig)
+
+
 def _redirect_results() -> None:
     """NIO_FAST_BENCH_RESULTS=DIR sends the tables there instead of benchmarks/results (gpu_check)."""
     override = os.environ.get("NIO_FAST_BENCH_RESULTS")
@@ -161,6 +270,15 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
         table = _gram_memory_rows(tables["gram_memory"])
         write_results("gram_memory", table, list(table[0]), "Extra memory of nio_fast.ops.gram",
                       notes=GRAM_MEMORY_NOTES)
+    if tables.get("samplewise") or tables.get("samplewise_memory"):
+        table = _samplewise_rows(tables.get("samplewise", []), tables.get("samplewise_memory", []))
+        threads = sorted({r["threads"] for r in tables.get("samplewise_memory", []) if r.get("threads")})
+        write_results("samplewise", table, list(table[0]), "Sample-wise GradCosine with its backward against vmap "
+                      "and one training step: seconds (medians) and peak memory"
+                      + (f" (CPU, {', '.join(map(str, threads))} thread(s))" if threads else ""),
+                      notes=SAMPLEWISE_NOTES + "\n\n" + _samplewise_notes(table))
+        if any(r["step s"] or r["sample-wise s"] or r["vmap s"] for r in table):
+            _plot_samplewise(table)
     for name, rows in tables.items():
-        if name not in ("iteration", "memory", "gram", "gram_memory") and rows:
+        if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory") and rows:
             write_results(name, rows, list(rows[0]), name)

@@ -132,3 +132,65 @@ def test_gpu_check_without_a_gpu_refuses_a_full_run(tmp_path):
     assert result.returncode == 2
     written = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "no CUDA device" in written["fatal"] and "INCOMPLETE" in (tmp_path / "gpu_check.md").read_text()
+
+
+def _samplewise_raw_rows():
+    """Synthetic rows of benchmarks/test_samplewise.py: one model meeting every target, one missing them."""
+    timing, memory = [], []
+    for model, samplewise in (("fast", {16: 2.0, 64: 3.0, 256: 3.5}), ("slow", {16: 2.0, 64: 12.0, 256: 40.0})):
+        for n in (16, 64, 256):
+            timing.append({"model": model, "N": n, "implementation": "step", "seconds": 1.0})
+            timing.append({"model": model, "N": n, "implementation": "samplewise", "seconds": samplewise[n],
+                           "routes": "ghost 1, vectors 2"})
+            memory.append({"model": model, "N": n, "implementation": "step", "threads": 2, "extra_mb": 100.0})
+            memory.append({"model": model, "N": n, "implementation": "samplewise", "threads": 2,
+                           "extra_mb": 150.0 if model == "fast" else 300.0})
+        timing.append({"model": model, "N": 16, "implementation": "vmap_samples", "seconds": 8.0})
+        for n in (64, 256):  # the vmap cases that would not fit: a reason, no number
+            reason = f"vmap skipped: per-sample gradients need ~{n / 8:.1f} GB"
+            timing.append({"model": model, "N": n, "implementation": "vmap_samples", "seconds": None,
+                           "skipped": reason})
+            memory.append({"model": model, "N": n, "implementation": "vmap_samples", "threads": 2,
+                           "extra_mb": None, "skipped": reason})
+    return timing, memory
+
+
+def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypatch):
+    timing, memory = _samplewise_raw_rows()
+    table = report._samplewise_rows(timing, memory)
+    assert [(r["model"], r["N"]) for r in table] == [(m, n) for m in ("fast", "slow") for n in (16, 64, 256)]
+    first = table[0]
+    assert (first["step s"], first["sample-wise s"], first["vmap s"]) == (1.0, 2.0, 8.0)
+    assert first["sample-wise / step"] == 2.0 and first["vmap / sample-wise"] == 4.0
+    assert first["sample-wise MB / step MB"] == 1.5 and first["vmap MB"] is None
+    assert first["routes (sample-wise)"] == "ghost 1, vectors 2" and first["skipped"] is None
+    skipped = table[1]
+    assert skipped["vmap s"] is None and skipped["vmap / sample-wise"] is None
+    assert skipped["skipped"] == "vmap skipped: per-sample gradients need ~8.0 GB (seconds, memory)"
+
+    notes = report._samplewise_notes(table).splitlines()
+    assert len(notes) == 2
+    fast, slow = notes
+    assert "x1.75 from N = 16 to N = 256 (target < 2: met)" in fast
+    assert "x1.50" not in fast  # the growth is N = 256 over N = 16, not 64 over 16
+    assert "3.00 training steps (target <= 5: met)" in fast and "1.50x a step's peak memory (target <= 2: met)" in fast
+    assert "x20.00 from N = 16 to N = 256 (target < 2: MISSED)" in slow
+    assert "12.00 training steps (target <= 5: MISSED)" in slow and "3.00x a step's peak memory (target <= 2: MISSED)" in slow
+
+    # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
+    quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
+        {**r, "N": 4} for r in timing if r["N"] == 16 and r["model"] == "fast"], [])
+    quick_note = report._samplewise_notes([r for r in quick if r["model"] == "fast"])
+    assert "from N = 4 to N = 16 (target < 2 from N = 16 to 256: not measured)" in quick_note
+    assert quick_note.count("not measured") == 3
+
+    # The tables land where NIO_FAST_BENCH_RESULTS says (benchmarks/results is left alone).
+    monkeypatch.setenv("NIO_FAST_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.setattr(report.harness, "RESULTS", report.harness.RESULTS)  # restored after the test
+    report.write_tables({"samplewise": timing, "samplewise_memory": memory}, {})
+    written = json.loads((tmp_path / "samplewise.json").read_text())
+    assert written["rows"] == json.loads(json.dumps(table))
+    markdown = (tmp_path / "samplewise.md").read_text()
+    assert "(CPU, 2 thread(s))" in markdown and "target <= 5: MISSED" in markdown
+    assert "| fast | 64 | 1 | 3 |" in markdown
+    assert (tmp_path / "samplewise.png").stat().st_size > 0

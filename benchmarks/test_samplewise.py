@@ -1,0 +1,174 @@
+"""Sample-wise GradCosine with its backward, against vmap over per-sample gradients and one training step.
+
+For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 inputs, N in
+(16, 64, 256), three things are timed on the same batch and measured for peak memory:
+
+- ``step``: one training step, forward + backward (test_iteration.training_step);
+- ``samplewise``: ``nio_fast.gradcosine(..., sub_batches="samples", mode="factors",
+  create_graph=True)`` and ``autograd.grad(value, params)``: one NIO-like evaluation;
+- ``vmap_samples``: the per-sample gradients by ``vmap(grad(loss))`` with graph, their Gram,
+  GradCosine and the same backward, under the modes nio_fast runs in (math attention).
+
+`report.py` turns the rows into benchmarks/results/samplewise.{json,md,png}: ratios to a
+training step, vmap / sample-wise, the growth of the sample-wise time from N = 16 to 256 and
+whether the targets hold (at N = 64 at most 5 training steps of time and 2x a step's peak
+memory; less than 2x more time from N = 16 to 256).
+
+    python -m pytest benchmarks/test_samplewise.py -q -p no:cacheprovider   # about 10-12 min, 2 cores
+
+Environment:
+    NIO_FAST_BENCH_SAMPLEWISE_QUICK=1  plumbing check in about a minute: N in (4, 8) (memory at N = 4
+        only), ResNet-18 at width 8, one timed call after one warm-up. Send its tables elsewhere with
+        NIO_FAST_BENCH_RESULTS=DIR so that benchmarks/results/ keeps only real numbers.
+    NIO_FAST_BENCH_SAMPLEWISE_LONG=1   also measure the peak memory of resnet18_gn's sample-wise
+        evaluation at N = 256 (one call of minutes on a 2-core CPU; skipped otherwise).
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nio_fast
+from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
+from nio_fast.algorithms.model_state import nio_modes
+from networks import images, make
+from test_iteration import training_step
+
+QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
+LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
+MODELS = ("resnet18_gn", "vit_small")
+SIZES = (4, 8) if QUICK else (16, 64, 256)
+MEMORY_SIZES = SIZES[:1] if QUICK else SIZES  # a fresh process each: ~5 s of start-up even when tiny
+OPTIONS = {"resnet18_gn": {"width": 8}} if QUICK else {}  # constructor options per model
+IMPLEMENTATIONS = ("step", "samplewise", "vmap_samples")
+VMAP_LIMIT_BYTES = 6e9  # per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
+SCRIPT = Path(__file__).resolve().parent / "peak_memory.py"
+
+
+def build(model_name: str):
+    return make(model_name, **OPTIONS.get(model_name, {}))
+
+
+def trainable(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def samplewise_evaluation(model, batch):
+    """Sample-wise GradCosine from layer factors and its gradient: one NIO-like evaluation."""
+    result = nio_fast.gradcosine(model, batch, sub_batches="samples", mode="factors", create_graph=True)
+    torch.autograd.grad(result.value, trainable(model), allow_unused=True)
+    return result
+
+
+def vmap_samples_evaluation(model, batch):
+    """The same value and gradient from per-sample gradients formed by vmap (the slow baseline)."""
+    inputs, targets = batch
+    params = trainable(model)
+    with nio_modes(model):
+        grads = vmapped_chunk_gradients(model, inputs, targets, F.cross_entropy, params, num_chunks=len(inputs),
+                                        create_graph=True)
+        value = nio_fast.ops.gradcosine_from_gram(nio_fast.ops.gram(grads)).value
+        torch.autograd.grad(value, params, allow_unused=True)
+
+
+EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation}
+
+
+@functools.cache
+def parameter_count(model_name: str) -> int:
+    return sum(p.numel() for p in trainable(build(model_name)))
+
+
+def vmap_skip_reason(model_name: str, n: int) -> str | None:
+    """Why vmap is not run at this size (its per-sample gradients would not fit), or None."""
+    count = parameter_count(model_name)
+    needed = n * count * 4 * 3
+    if needed <= VMAP_LIMIT_BYTES:
+        return None
+    return (f"vmap skipped: per-sample gradients need ~{needed / 1e9:.1f} GB (N x {count / 1e6:.1f}M parameters "
+            f"x 4 B x 3) > {VMAP_LIMIT_BYTES / 1e9:.0f} GB")
+
+
+def schedule(model_name: str, n: int, implementation: str) -> tuple[int, int]:
+    """(timed calls, warm-up calls) of one case: the whole file stays near 12 minutes on 2 cores.
+
+    ResNet-18's per-sample evaluations take 10 s to minutes a call: timed once, and from N = 64 on
+    without a warm-up (the one-time costs it would absorb, the first call's lazy imports, ~2 s, are
+    paid by N = 16 before them in the same process, and would be lost in a minute-long call anyway).
+    """
+    if QUICK:
+        return 1, 1
+    if model_name == "resnet18_gn" and implementation != "step":
+        return 1, 1 if n < 64 else 0
+    if n >= 256:
+        return 1, 1
+    return 2, 1
+
+
+def route_summary(routes: dict[str, str] | None) -> str | None:
+    """'ghost 6, materialize 15, vectors 41': how many parameter tensors took each route."""
+    if not routes:
+        return None
+    return ", ".join(f"{route} {count}" for route, count in sorted(collections.Counter(routes.values()).items()))
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_samplewise_seconds(benchmark, record, model_name, n, implementation):
+    common = dict(model=model_name, N=n, implementation=implementation, params=parameter_count(model_name))
+    if implementation == "vmap_samples" and (reason := vmap_skip_reason(model_name, n)):
+        record("samplewise", **common, seconds=None, skipped=reason)
+        pytest.skip(reason)
+    model, batch = build(model_name), images(n)
+    evaluate, last = EVALUATIONS[implementation], {}
+
+    def run():
+        last["result"] = evaluate(model, batch)
+
+    rounds, warmup = schedule(model_name, n, implementation)
+    benchmark.group = f"{model_name} N={n}"
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    routes = route_summary(last["result"].routes) if implementation == "samplewise" else None
+    record("samplewise", **common, seconds=benchmark.stats.stats.median, rounds=rounds, warmup=warmup,
+           routes=routes)
+
+
+def memory_skip_reason(model_name: str, n: int, implementation: str) -> str | None:
+    if implementation == "vmap_samples":
+        return vmap_skip_reason(model_name, n)
+    if implementation == "samplewise" and model_name == "resnet18_gn" and n >= 256 and not LONG:
+        return "sample-wise skipped: one call takes minutes on CPU (NIO_FAST_BENCH_SAMPLEWISE_LONG=1 measures it)"
+    return None
+
+
+def peak_memory_command(model_name: str, n: int, implementation: str) -> list[str]:
+    command = [sys.executable, str(SCRIPT), model_name, implementation, "--batch", str(n),
+               "--threads", str(torch.get_num_threads()), "--warmup"]
+    if "width" in OPTIONS.get(model_name, {}):
+        command += ["--width", str(OPTIONS[model_name]["width"])]
+    return command
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("n", MEMORY_SIZES)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_samplewise_peak_memory(record, model_name, n, implementation):
+    """Peak resident memory of one call, each in a fresh process (peak_memory.py)."""
+    common = dict(model=model_name, N=n, implementation=implementation, threads=torch.get_num_threads())
+    if reason := memory_skip_reason(model_name, n, implementation):
+        record("samplewise_memory", **common, extra_mb=None, skipped=reason)
+        pytest.skip(reason)
+    result = subprocess.run(peak_memory_command(model_name, n, implementation), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    record("samplewise_memory", **common, **measured)
