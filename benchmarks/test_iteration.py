@@ -18,7 +18,7 @@ D_SWEEP = (2, 4, 8, 16)
 CASES = [(model, BATCH, d) for model in ("resnet20_gn", "resnet20_bn", "vit_small") for d in D_SWEEP]
 CASES += [("resnet20_gn", 16, 16), ("resnet20_gn", 128, 4)]  # per-sample (D = N), and a larger batch
 STEP_CASES = sorted({(model, batch) for model, batch, _ in CASES})
-ROUNDS = 2  # + 1 warm-up: 3 calls per case keeps `make bench` near 20 minutes on 2 cores
+ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 8 minutes on 2 quiet cores
 
 
 def training_step(model, batch):
