@@ -26,20 +26,32 @@ Backward is first order (``once_differentiable``): callers differentiate G once.
 
 Accumulation: fp64 when the inputs are fp64, else fp32 (bf16 and fp16 inputs give an fp32
 Gram); input gradients come back in the inputs' dtype.
+
+Backends (ghost route only): ``"torch"`` is the blockwise code below; ``"triton"`` runs the
+fused kernels of ``nio_fast.kernels.ghost_gram`` (the T x T pair kernels stay in registers,
+forward and backward; the ``block_bytes`` budget does not apply, as they allocate nothing
+beyond G, the pair list and the input gradients). The materialize route is matmul-shaped and
+always runs on torch (cuBLAS / BLAS).
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import math
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from .. import availability
+
 _BLOCK_BYTES = 32 * 2 ** 20
 """Budget for one temporary (bytes). Read at call time; monkeypatch it to force splitting."""
 
 ROUTES = ("auto", "ghost", "materialize")
+BACKENDS = ("auto", "triton", "torch")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -275,9 +287,12 @@ class _OuterGram(torch.autograd.Function):
     """Saves A and B only; backward recomputes kernels or per-sample gradients blockwise."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, output_grads: torch.Tensor, route: str, budget: int) -> torch.Tensor:
+    def forward(ctx, inputs: torch.Tensor, output_grads: torch.Tensor, route: str, budget: int,
+                backend: str = "torch") -> torch.Tensor:
         ctx.save_for_backward(inputs, output_grads)
-        ctx.route, ctx.budget = route, budget
+        ctx.route, ctx.budget, ctx.backend = route, budget, backend
+        if route == "ghost" and backend == "triton":
+            return _ghost_kernels().ghost_gram_forward(inputs, output_grads)
         if route == "ghost":
             return _ghost_forward(inputs, output_grads, budget)
         return _materialize_forward(inputs, output_grads, budget)
@@ -288,12 +303,60 @@ class _OuterGram(torch.autograd.Function):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_a or need_b):
-            return None, None, None, None
+            return None, None, None, None, None
         sym = (grad_gram + grad_gram.T).to(_accumulation_dtype(a.dtype))
-        backward = _ghost_backward if ctx.route == "ghost" else _materialize_backward
-        grad_a, grad_b = backward(a, b, sym, ctx.budget, need_a, need_b)
+        if ctx.route == "ghost" and ctx.backend == "triton":
+            grad_a, grad_b = _ghost_kernels().ghost_gram_backward(a, b, sym, need_a, need_b)
+        else:
+            backward = _ghost_backward if ctx.route == "ghost" else _materialize_backward
+            grad_a, grad_b = backward(a, b, sym, ctx.budget, need_a, need_b)
         return (grad_a.to(a.dtype) if need_a else None,
-                grad_b.to(b.dtype) if need_b else None, None, None)
+                grad_b.to(b.dtype) if need_b else None, None, None, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _load_ghost_kernels() -> tuple[Optional[ModuleType], str]:
+    try:
+        return importlib.import_module("nio_fast.kernels.ghost_gram"), "importable"
+    except Exception as error:  # no triton, or a triton too old for the kernels
+        return None, f"{type(error).__name__}: {error}"
+
+
+def _ghost_kernels() -> ModuleType:
+    module, reason = _load_ghost_kernels()
+    if module is None:
+        raise RuntimeError(f"the Triton ghost kernels cannot be imported: {reason}")
+    return module
+
+
+def _ghost_backend(backend: str, inputs: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for the ghost route on ``inputs``; refuses an unusable ``"triton"``.
+
+    ``"auto"``: Triton on CUDA tensors of a dtype the kernels take, when there is a position axis
+    (T > 1). With T = 1 the pair kernels are 1 x 1 and torch's two matmuls are the right tool;
+    on CPU the Triton interpreter is a test vehicle, never a default (as for ``ops.gram``).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
+    device = inputs.device
+    if backend == "torch" or (backend == "auto" and (device.type != "cuda" or inputs.shape[1] <= 1)):
+        return "torch"  # decided without importing triton
+    usable = availability.triton_usable(device)
+    if backend == "triton":
+        if not usable:
+            raise ValueError(f"backend='triton' cannot run on {device}: {availability.backends()['triton']['reason']} "
+                             f"(Triton takes CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); "
+                             f"use backend='torch' or 'auto'")
+        module, reason = _load_ghost_kernels()
+        if module is None:
+            raise ValueError(f"backend='triton': the ghost kernels cannot be imported ({reason})")
+        if inputs.dtype not in module.SUPPORTED_DTYPES:
+            raise ValueError(f"backend='triton': the ghost kernels take {module.SUPPORTED_DTYPES}, got {inputs.dtype}")
+        return "triton"
+    if not usable:
+        return "torch"
+    module, _ = _load_ghost_kernels()
+    return "triton" if module is not None and inputs.dtype in module.SUPPORTED_DTYPES else "torch"
 
 
 def _check_factors(inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
@@ -314,7 +377,7 @@ def _check_factors(inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
 
 
 def outer_gram(inputs: torch.Tensor, output_grads: torch.Tensor, route: str = "auto", *,
-               block_bytes: Optional[int] = None) -> torch.Tensor:
+               block_bytes: Optional[int] = None, backend: str = "auto") -> torch.Tensor:
     """``G[i, j] = <g_i, g_j>`` for ``g_i = sum_t B[i, t] (outer) A[i, t]``, differentiable.
 
     Args:
@@ -324,7 +387,10 @@ def outer_gram(inputs: torch.Tensor, output_grads: torch.Tensor, route: str = "a
             dtype and device as ``inputs``. Scale out any 1/N of a mean loss first.
         route: ``"ghost"``, ``"materialize"`` (both exact) or ``"auto"``: the cheaper by
             ``outer_gram_cost`` (call it to report the choice).
-        block_bytes: budget for one temporary; default ``_BLOCK_BYTES`` (32 MiB).
+        block_bytes: budget for one temporary; default ``_BLOCK_BYTES`` (32 MiB). Torch code only.
+        backend: for the ghost route: ``"torch"`` (blockwise torch), ``"triton"`` (fused
+            kernels; ``ValueError`` where Triton cannot run) or ``"auto"``: Triton for CUDA
+            tensors with T > 1, else torch. The materialize route always runs on torch.
 
     Returns:
         [N, N], fp64 for fp64 inputs else fp32. Gradients flow to both ``inputs`` and
@@ -338,7 +404,8 @@ def outer_gram(inputs: torch.Tensor, output_grads: torch.Tensor, route: str = "a
         num, positions, d = inputs.shape
         itemsize = torch.finfo(_accumulation_dtype(inputs.dtype)).bits // 8
         route = outer_gram_route(num, positions, d, output_grads.shape[2], itemsize=itemsize, block_bytes=budget)
-    return _OuterGram.apply(inputs, output_grads, route, budget)
+    chosen = _ghost_backend(backend, inputs)  # validated for either route: a bad backend fails early
+    return _OuterGram.apply(inputs, output_grads, route, budget, chosen if route == "ghost" else "torch")
 
 
 def outer_gram_reference(inputs: torch.Tensor, output_grads: torch.Tensor) -> torch.Tensor:
