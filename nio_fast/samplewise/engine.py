@@ -150,7 +150,7 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype)
     # Keep the per-sample gradients for the backward when they are no bigger than the output
     # gradients a training step holds anyway (early convolutions: N x 2.3k values against
     # N x 16k); recompute them when bigger (late convolutions, wide linears): memory stays that
-    # of a training step. Skipping the recompute saved ~20% of a ResNet-20 evaluation.
+    # of a training step. Keeping them saved 10% of a GroupNorm ResNet-18 evaluation at N = 16.
     per_sample_values = entries[0][2].shape[entries[0][0].sample_axis] * param.numel()
     if per_sample_values <= sum(grad.numel() for _, _, grad in entries):
         return compute(*flat)
