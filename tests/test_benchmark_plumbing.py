@@ -171,10 +171,10 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     notes = report._samplewise_notes(table).splitlines()
     assert len(notes) == 2
     fast, slow = notes
-    assert "x1.75 from N = 16 to N = 256 (target < 2: met)" in fast
+    assert "in training steps grows x1.75 from N = 16 to N = 256 (target < 2: met; seconds x1.75)" in fast
     assert "x1.50" not in fast  # the growth is N = 256 over N = 16, not 64 over 16
     assert "3.00 training steps (target <= 5: met)" in fast and "1.50x a step's peak memory (target <= 2: met)" in fast
-    assert "x20.00 from N = 16 to N = 256 (target < 2: MISSED)" in slow
+    assert "x20.00 from N = 16 to N = 256 (target < 2: MISSED;" in slow
     assert "12.00 training steps (target <= 5: MISSED)" in slow and "3.00x a step's peak memory (target <= 2: MISSED)" in slow
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
