@@ -429,12 +429,10 @@ def _masked_rows(output_grads: torch.Tensor, indices: torch.Tensor, padding_idx:
     return rows
 
 
-def _embedding_forward(indices: torch.Tensor, output_grads: torch.Tensor, padding_idx: Optional[int],
-                       budget: int) -> torch.Tensor:
-    num, positions, width = output_grads.shape
-    acc = _accumulation_dtype(output_grads.dtype)
-    gram = torch.zeros((num, num), dtype=acc, device=output_grads.device)
-    samples, window = _ghost_plan(num, positions, width, torch.finfo(acc).bits // 8, budget)
+def _embedding_pair_blocks(indices: torch.Tensor, output_grads: torch.Tensor, padding_idx: Optional[int],
+                           acc: torch.dtype, samples: int):
+    """Blocks (i, j) of samples with j >= i: their ranges, indices and masked rows (shared on the diagonal)."""
+    num = output_grads.shape[0]
     for i0, i1 in _blocks(num, samples):
         idx_i = indices[i0:i1]
         b_i = _masked_rows(output_grads[i0:i1], idx_i, padding_idx, acc)
@@ -443,16 +441,27 @@ def _embedding_forward(indices: torch.Tensor, output_grads: torch.Tensor, paddin
                 continue
             idx_j = idx_i if j0 == i0 else indices[j0:j1]
             b_j = b_i if j0 == i0 else _masked_rows(output_grads[j0:j1], idx_j, padding_idx, acc)
-            block = torch.zeros((i1 - i0, j1 - j0), dtype=acc, device=gram.device)
-            cols, ids = b_j.reshape(-1, width).T, idx_j.reshape(1, -1)
-            for t0, t1 in _blocks(positions, window):
-                kernel = b_i[:, t0:t1].reshape(-1, width) @ cols
-                kernel.masked_fill_(idx_i[:, t0:t1].reshape(-1, 1) != ids, 0)
-                block += kernel.view(i1 - i0, t1 - t0, j1 - j0, positions).sum((1, 3))
-                del kernel
-            gram[i0:i1, j0:j1] = block
-            if j0 != i0:
-                gram[j0:j1, i0:i1] = block.T
+            yield (i0, i1, idx_i, b_i), (j0, j1, idx_j, b_j)
+
+
+def _embedding_forward(indices: torch.Tensor, output_grads: torch.Tensor, padding_idx: Optional[int],
+                       budget: int) -> torch.Tensor:
+    num, positions, width = output_grads.shape
+    acc = _accumulation_dtype(output_grads.dtype)
+    gram = torch.zeros((num, num), dtype=acc, device=output_grads.device)
+    samples, window = _ghost_plan(num, positions, width, torch.finfo(acc).bits // 8, budget)
+    for (i0, i1, idx_i, b_i), (j0, j1, idx_j, b_j) in _embedding_pair_blocks(
+            indices, output_grads, padding_idx, acc, samples):
+        block = torch.zeros((i1 - i0, j1 - j0), dtype=acc, device=gram.device)
+        cols, ids = b_j.reshape(-1, width).T, idx_j.reshape(1, -1)
+        for t0, t1 in _blocks(positions, window):
+            kernel = b_i[:, t0:t1].reshape(-1, width) @ cols
+            kernel.masked_fill_(idx_i[:, t0:t1].reshape(-1, 1) != ids, 0)
+            block += kernel.view(i1 - i0, t1 - t0, j1 - j0, positions).sum((1, 3))
+            del kernel
+        gram[i0:i1, j0:j1] = block
+        if j0 != i0:
+            gram[j0:j1, i0:i1] = block.T
     return gram
 
 
@@ -463,24 +472,18 @@ def _embedding_backward(indices: torch.Tensor, output_grads: torch.Tensor, paddi
     acc = sym.dtype
     samples, window = _ghost_plan(num, positions, width, torch.finfo(acc).bits // 8, budget)
     grad = torch.zeros(output_grads.shape, dtype=acc, device=output_grads.device)
-    for i0, i1 in _blocks(num, samples):
-        idx_i = indices[i0:i1]
-        b_i = _masked_rows(output_grads[i0:i1], idx_i, padding_idx, acc)
-        for j0, j1 in _blocks(num, samples):
-            if j0 < i0:
-                continue
-            idx_j = idx_i if j0 == i0 else indices[j0:j1]
-            b_j = b_i if j0 == i0 else _masked_rows(output_grads[j0:j1], idx_j, padding_idx, acc)
-            rows, ids = b_j.reshape(-1, width), idx_j.reshape(1, -1)
-            weights = sym[i0:i1, j0:j1].reshape(i1 - i0, 1, j1 - j0, 1)
-            for t0, t1 in _blocks(positions, window):
-                shape = (i1 - i0, t1 - t0, j1 - j0, positions)
-                w = (idx_i[:, t0:t1].reshape(-1, 1) == ids).to(acc)
-                w.view(shape).mul_(weights)
-                grad[i0:i1, t0:t1] += (w @ rows).view(i1 - i0, t1 - t0, width)
-                if j0 != i0:
-                    grad[j0:j1] += (w.T @ b_i[:, t0:t1].reshape(-1, width)).view(j1 - j0, positions, width)
-                del w
+    for (i0, i1, idx_i, b_i), (j0, j1, idx_j, b_j) in _embedding_pair_blocks(
+            indices, output_grads, padding_idx, acc, samples):
+        rows, ids = b_j.reshape(-1, width), idx_j.reshape(1, -1)
+        weights = sym[i0:i1, j0:j1].reshape(i1 - i0, 1, j1 - j0, 1)
+        for t0, t1 in _blocks(positions, window):
+            shape = (i1 - i0, t1 - t0, j1 - j0, positions)
+            w = (idx_i[:, t0:t1].reshape(-1, 1) == ids).to(acc)
+            w.view(shape).mul_(weights)
+            grad[i0:i1, t0:t1] += (w @ rows).view(i1 - i0, t1 - t0, width)
+            if j0 != i0:
+                grad[j0:j1] += (w.T @ b_i[:, t0:t1].reshape(-1, width)).view(j1 - j0, positions, width)
+            del w
     if padding_idx is not None:
         grad.masked_fill_(indices.eq(padding_idx).unsqueeze(-1), 0)
     return grad
