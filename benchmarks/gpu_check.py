@@ -16,7 +16,9 @@ Steps, in order, each recorded whatever the others do:
 4. gram: ``pytest benchmarks/test_gram.py --benchmark-only`` (tables gram, gram_memory);
 5. torchvision: a NIO iteration on torchvision ResNet-18/50 on the GPU (GPU-only cases; noted
    and skipped where torchvision is missing);
-6. iteration: ``pytest benchmarks/test_iteration.py --benchmark-only`` (its models run on CPU).
+6. iteration: ``pytest benchmarks/test_iteration.py --benchmark-only`` (its models run on CPU);
+7. samplewise: ``pytest benchmarks/test_samplewise.py`` with its models on the GPU
+   (NIO_FAST_BENCH_DEVICE): sample-wise GradCosine against vmap and a training step.
 
 Writes DIR/gpu_check.md and DIR/gpu_check.json (machine, versions, date, every number) after
 every step, DIR/gpu_check.log (all output), and the benchmark tables and the JUnit file under
@@ -59,10 +61,11 @@ for _path in (str(ROOT), str(BENCHMARKS)):
 
 import torch  # noqa: E402  (nio_fast is imported after the build step, which may create _C)
 
-STEPS = ("build", "tests", "bandwidth", "gram", "torchvision", "iteration")
+STEPS = ("build", "tests", "bandwidth", "gram", "torchvision", "iteration", "samplewise")
 CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one training step and one iteration pair, D = 16
+DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only
 BANDWIDTH_TARGET = 0.8
 # Gram entries are compared as |G - G_ref| / sqrt(G_ii G_jj) (the Cauchy-Schwarz bound of G_ij),
 # backward outputs as |out - ref| / (|S| @ |X|) (the bound of each output element). With half of
@@ -393,15 +396,15 @@ def step_bandwidth(report: dict, args, log: Log, deadline: Deadline) -> str:
 # Steps 4 and 6: the benchmark files.
 
 def run_benchmark_file(report: dict, args, log: Log, deadline: Deadline, path: str, extra: list[str],
-                       tables: tuple[str, ...]) -> str:
-    env = child_env(NIO_FAST_BENCH_RESULTS=str(args.files))
+                       tables: tuple[str, ...], benchmark_only: bool = True, **environment: str) -> str:
+    env = child_env(NIO_FAST_BENCH_RESULTS=str(args.files), **environment)
     if args.dry_run:
         env["NIO_FAST_GRAM_BENCH_SIZE"] = "tiny"
     for table in tables:  # a table left from an earlier run must not pass for this run's
         for suffix in (".json", ".md"):
             (args.files / f"{table}{suffix}").unlink(missing_ok=True)
     code = run_logged([sys.executable, "-m", "pytest", path, *extra, "-q", "-p", "no:cacheprovider",
-                       "--benchmark-only"], log, deadline.left(), env)
+                       *(["--benchmark-only"] if benchmark_only else [])], log, deadline.left(), env)
     for table in tables:
         written = args.files / f"{table}.json"
         report[table] = json.loads(written.read_text())["rows"] if written.exists() else []
@@ -419,6 +422,14 @@ def step_gram(report, args, log, deadline) -> str:
 def step_iteration(report, args, log, deadline) -> str:
     extra = ["-k", DRY_RUN_ITERATION_SELECTION] if args.dry_run else []
     return run_benchmark_file(report, args, log, deadline, "benchmarks/test_iteration.py", extra, ("iteration",))
+
+
+def step_samplewise(report, args, log, deadline) -> str:
+    extra = ["-k", DRY_RUN_SAMPLEWISE_SELECTION] if args.dry_run else []
+    quick = {"NIO_FAST_BENCH_SAMPLEWISE_QUICK": "1"} if args.dry_run else {}
+    # not --benchmark-only: the peak-memory cases (no benchmark fixture) belong to the table too
+    return run_benchmark_file(report, args, log, deadline, "benchmarks/test_samplewise.py", extra, ("samplewise",),
+                              benchmark_only=False, NIO_FAST_BENCH_DEVICE=args.device.type, **quick)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +607,9 @@ def render_markdown(report: dict) -> str:
     if "iteration" in report:
         lines += ["", "## Iteration benchmarks (benchmarks/test_iteration.py; CPU models)", ""]
         lines += markdown_table(report["iteration"])
+    if "samplewise" in report:
+        lines += ["", "## Sample-wise GradCosine (benchmarks/test_samplewise.py; models on the device)", ""]
+        lines += markdown_table(report["samplewise"])
     return "\n".join(lines) + "\n"
 
 
@@ -651,7 +665,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_status(report)
 
     steps = {"build": step_build, "tests": step_tests, "bandwidth": step_bandwidth, "gram": step_gram,
-             "torchvision": step_torchvision, "iteration": step_iteration}
+             "torchvision": step_torchvision, "iteration": step_iteration, "samplewise": step_samplewise}
     for name in STEPS:
         if name != "build" and "backends" not in report:  # after the build, which may create _C
             try:

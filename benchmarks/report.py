@@ -279,10 +279,12 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                       notes=GRAM_MEMORY_NOTES)
     if tables.get("samplewise") or tables.get("samplewise_memory"):
         table = _samplewise_rows(tables.get("samplewise", []), tables.get("samplewise_memory", []))
-        threads = sorted({r["threads"] for r in tables.get("samplewise_memory", []) if r.get("threads")})
+        memory_rows = tables.get("samplewise_memory", [])
+        threads = sorted({r["threads"] for r in memory_rows if r.get("threads") and r.get("device") != "cuda"})
+        where = (" (CUDA allocator peak)" if any(r.get("device") == "cuda" for r in memory_rows)
+                 else f" (CPU, {', '.join(map(str, threads))} thread(s))" if threads else "")
         write_results("samplewise", table, list(table[0]), "Sample-wise GradCosine with its backward against vmap "
-                      "and one training step: seconds (medians) and peak memory"
-                      + (f" (CPU, {', '.join(map(str, threads))} thread(s))" if threads else ""),
+                      "and one training step: seconds (medians) and peak memory" + where,
                       notes=SAMPLEWISE_NOTES + "\n\n" + _samplewise_notes(table))
         if any(r["step s"] or r["sample-wise s"] or r["vmap s"] for r in table):
             _plot_samplewise(table)

@@ -22,6 +22,9 @@ Environment:
         NIO_FAST_BENCH_RESULTS=DIR so that benchmarks/results/ keeps only real numbers.
     NIO_FAST_BENCH_SAMPLEWISE_LONG=1   also measure the peak memory of resnet18_gn's sample-wise
         evaluation at N = 256 (one call of minutes on a 2-core CPU; skipped otherwise).
+    NIO_FAST_BENCH_DEVICE=cuda         run the models on the GPU (benchmarks/gpu_check.py does):
+        timings synchronise the device, peak memory is the CUDA allocator's peak above the model and
+        batch, measured in-process, and vmap's limit is half the device's memory.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ import torch.nn.functional as F
 import nio_fast
 from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
 from nio_fast.algorithms.model_state import nio_modes
+from harness import synchronize
 from networks import images, make
 from test_iteration import training_step
 
@@ -50,12 +54,18 @@ SIZES = (4, 8) if QUICK else (16, 64, 256)
 MEMORY_SIZES = SIZES[:1] if QUICK else SIZES  # a fresh process each: ~5 s of start-up even when tiny
 OPTIONS = {"resnet18_gn": {"width": 8}} if QUICK else {}  # constructor options per model
 IMPLEMENTATIONS = ("step", "samplewise", "vmap_samples")
-VMAP_LIMIT_BYTES = 6e9  # per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
+DEVICE = torch.device(os.environ.get("NIO_FAST_BENCH_DEVICE", "cpu"))
+# per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
+VMAP_LIMIT_BYTES = 0.5 * torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda" else 6e9
 SCRIPT = Path(__file__).resolve().parent / "peak_memory.py"
 
 
 def build(model_name: str):
-    return make(model_name, **OPTIONS.get(model_name, {}))
+    return make(model_name, **OPTIONS.get(model_name, {})).to(DEVICE)
+
+
+def batch_of(n: int):
+    return tuple(t.to(DEVICE) for t in images(n))
 
 
 def trainable(model) -> list[torch.Tensor]:
@@ -129,11 +139,12 @@ def test_samplewise_seconds(benchmark, record, model_name, n, implementation):
     if implementation == "vmap_samples" and (reason := vmap_skip_reason(model_name, n)):
         record("samplewise", **common, seconds=None, skipped=reason)
         pytest.skip(reason)
-    model, batch = build(model_name), images(n)
+    model, batch = build(model_name), batch_of(n)
     evaluate, last = EVALUATIONS[implementation], {}
 
     def run():
         last["result"] = evaluate(model, batch)
+        synchronize()
 
     rounds, warmup = schedule(model_name, n, implementation)
     benchmark.group = f"{model_name} N={n}"
@@ -151,6 +162,21 @@ def memory_skip_reason(model_name: str, n: int, implementation: str) -> str | No
     return None
 
 
+def cuda_peak_memory(model_name: str, n: int, implementation: str) -> dict:
+    """The CUDA allocator's peak during one call, above the model and batch (after a warm-up call)."""
+    model, batch = build(model_name), batch_of(n)
+    evaluate = EVALUATIONS[implementation]
+    evaluate(model, tuple(t[:2] for t in batch))  # one-time costs (lazy imports, autotuning) off the books
+    synchronize()
+    torch.cuda.empty_cache()
+    baseline = torch.cuda.memory_allocated(DEVICE)
+    torch.cuda.reset_peak_memory_stats(DEVICE)
+    evaluate(model, batch)
+    synchronize()
+    peak = torch.cuda.max_memory_allocated(DEVICE)
+    return {"baseline_mb": baseline / 2**20, "peak_mb": peak / 2**20, "extra_mb": (peak - baseline) / 2**20}
+
+
 def peak_memory_command(model_name: str, n: int, implementation: str) -> list[str]:
     command = [sys.executable, str(SCRIPT), model_name, implementation, "--batch", str(n),
                "--threads", str(torch.get_num_threads()), "--warmup"]
@@ -164,10 +190,14 @@ def peak_memory_command(model_name: str, n: int, implementation: str) -> list[st
 @pytest.mark.parametrize("model_name", MODELS)
 def test_samplewise_peak_memory(record, model_name, n, implementation):
     """Peak resident memory of one call, each in a fresh process (peak_memory.py)."""
-    common = dict(model=model_name, N=n, implementation=implementation, threads=torch.get_num_threads())
+    common = dict(model=model_name, N=n, implementation=implementation, threads=torch.get_num_threads(),
+                  device=DEVICE.type)
     if reason := memory_skip_reason(model_name, n, implementation):
         record("samplewise_memory", **common, extra_mb=None, skipped=reason)
         pytest.skip(reason)
+    if DEVICE.type == "cuda":
+        record("samplewise_memory", **common, **cuda_peak_memory(model_name, n, implementation))
+        return
     result = subprocess.run(peak_memory_command(model_name, n, implementation), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(result.stdout.strip().splitlines()[-1])

@@ -114,13 +114,16 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert {r["backend"] for r in written["gram_memory"]} >= {"torch", "cpp"}
     assert written["torchvision"]["rows"] and written["torchvision"]["rows"][0]["nio_fast s"] > 0
     assert written["iteration"] and written["iteration"][0]["step s"] > 0
+    samplewise = {r["N"]: r for r in written["samplewise"] if r["model"] == "vit_small"}
+    assert samplewise[4]["sample-wise s"] > 0 and samplewise[4]["step s"] > 0
 
     markdown = (tmp_path / "gpu_check.md").read_text()
     for heading in ("**Result: PASS**", "## Correctness tests", "## Bandwidth", "## Gram benchmarks",
-                    "## Gram extra memory", "## NIO iteration on torchvision", "## Iteration benchmarks"):
+                    "## Gram extra memory", "## NIO iteration on torchvision", "## Iteration benchmarks",
+                    "## Sample-wise GradCosine"):
         assert heading in markdown
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
-    for table in ("gram", "gram_memory", "iteration"):  # redirected: benchmarks/results is left alone
+    for table in ("gram", "gram_memory", "iteration", "samplewise"):  # redirected: benchmarks/results untouched
         assert (tmp_path / "gpu_check" / f"{table}.md").exists()
 
 
