@@ -178,3 +178,24 @@ def test_auto_keeps_the_loop_for_a_loss_that_is_not_a_sample_mean():
     with spec_modes(model):
         gc, *_ = reference_gradcosine(model, *batch, sum_loss, params, 3, 0.2)
     assert abs(float(result.value) - float(gc)) < 1e-10
+
+
+def test_unbatched_layer_calls_take_the_autograd_route():
+    """A layer applied to one unbatched tensor (no sample axis) is not read as per-sample."""
+    from torch import nn
+
+    class SharedQuery(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = nn.Parameter(torch.randn(7))
+            self.project = nn.Linear(7, 7)
+            self.head = nn.Linear(7, 5)
+
+        def forward(self, x):  # x: [N, 7]; the projected query is one vector for the whole batch
+            return self.head(x * self.project(self.query))
+
+    torch.manual_seed(0)
+    model = SharedQuery().double()
+    batch = (torch.randn(7, 7, dtype=torch.float64), torch.randint(0, 5, (7,)))  # N = 7 = the width
+    result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
+    assert result.routes["project.weight"] == result.routes["project.bias"] == "autograd"

@@ -137,9 +137,14 @@ class FactorRecorder(TorchFunctionMode):
     def _recognise(self, func, args, kwargs, out) -> "LayerUse | str":
         """The use, or the reason it cannot be factored."""
         if func is F.linear:
-            return self._weighted(LINEAR, _LINEAR_ARGS(*args, **kwargs), out)
+            bound = _LINEAR_ARGS(*args, **kwargs)
+            if getattr(bound["input"], "dim", lambda: 0)() < 2:
+                return "linear on an unbatched (1-D) input"
+            return self._weighted(LINEAR, bound, out)
         if func in _CONV_FUNCS:
             bound = _CONV_ARGS(*args, **kwargs)
+            if getattr(bound["input"], "dim", lambda: 0)() != _CONV_FUNCS[func] + 2:
+                return "convolution on an unbatched input"
             use = self._weighted(CONV, bound, out)
             if isinstance(use, LayerUse):
                 use.config = {key: bound[key] for key in ("stride", "padding", "dilation", "groups")}
