@@ -2,10 +2,11 @@
 
 Two forms (shared/spec/GHOST.md):
 - *outer factors* ``(A [N, T, d], B [N, T, p])`` for the weight of a linear layer or an
-  ungrouped convolution: sample i's gradient is ``sum_t B[i, t] A[i, t]^T``, never formed
-  unless the materialising route is cheaper (``nio_fast.ops.outer_gram`` decides);
-- *per-sample vectors* ``[N, numel]`` for everything small or irregular: biases, norm-layer
-  affines, broadcast parameters, grouped convolutions, embeddings tied with other uses.
+  ungrouped convolution: sample i's gradient is ``sum_t B[i, t] A[i, t]^T``, for the ghost
+  route (and linear layers' materialising route) of ``nio_fast.ops.outer_gram``;
+- *per-sample vectors* ``[N, numel]`` for everything small or irregular (biases, norm-layer
+  affines, broadcast parameters, embeddings tied with other uses) and for convolutions on the
+  materialising route (one grouped weight-gradient convolution).
 
 Every function here is plain autograd-differentiable PyTorch; ``b`` is the output gradient of
 the SUM of the per-sample losses, so its sample-``i`` rows are sample i's own output gradient
@@ -59,9 +60,8 @@ def conv_patches(use: LayerUse, weight_shape: Sequence[int]) -> torch.Tensor:
 
 def conv_weight_per_sample(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[int]) -> torch.Tensor:
     """[N, *weight_shape]: per-sample conv weight gradients as ONE grouped weight-gradient
-    convolution, the samples stacked as groups (no unfolded input: on 2 CPU cores this measured
-    1.4-4.5x faster than unfold + bmm for ResNet layer shapes, /tmp-style microbenchmark in the
-    commit message)."""
+    convolution, the samples stacked as groups. No unfolded input: on 2 CPU cores, N = 64, ResNet
+    layer shapes, forward + backward took 1.4-4.5x less time than unfold + bmm (commit 10b47ae)."""
     x = use.inputs
     num, dims, groups = x.shape[0], use.config["spatial_dims"], use.config["groups"]
     pads = _conv_padding(use, weight_shape)
