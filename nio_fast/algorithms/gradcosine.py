@@ -289,22 +289,27 @@ class NotASampleMean(ValueError):
 def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                          params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
                          create_graph: bool) -> GradCosineResult:
-    """``"factors"``: the per-sample Gram, then the chunks' Gram W^T G W.
+    """``"factors"``: the Gram of the chunk gradients from layer factors (``nio_fast.samplewise``;
+    per-sample gradients the engine forms anyway are averaged into chunks before their Gram, the
+    rest reduced as W^T G W).
 
     A chunk's gradient is the mean of its samples' gradients only when the loss of a chunk is
     the mean of its samples' losses; that is checked on every model and loss the first time.
     """
     from ..samplewise import samplewise_gram
-    sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph)
-    num = sample.gram.shape[0]
-    if len(bounds) == num and all(end - start == 1 for start, end in bounds):
-        gram = sample.gram
-    else:
-        weights = ops.chunk_weights(bounds, num, sample.gram.dtype, sample.gram.device)
-        gram = ops.chunk_gram(sample.gram, weights)
+    num = num_samples(inputs)
+    per_sample = len(bounds) == num and all(end - start == 1 for start, end in bounds)
+    if not per_sample:
         _check_mean_loss(model, inputs, targets, loss_fn, bounds)
+    weights = None if per_sample else ops.chunk_weights(bounds, num, _weights_dtype(params), params[0].device)
+    sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph, chunk_weights=weights)
+    gram = sample.gram
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)
+
+
+def _weights_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 # (model, loss_fn) pairs whose chunk loss was checked to be the mean of its samples' losses.

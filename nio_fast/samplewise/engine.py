@@ -43,7 +43,8 @@ class SampleGram:
     """The per-sample Gram and how each parameter's part of it was computed."""
 
     gram: torch.Tensor
-    """[N, N]: G[i, j] = <g_i, g_j> over the selected parameters."""
+    """[N, N]: G[i, j] = <g_i, g_j> over the selected parameters ([D, D] of the chunk gradients
+    when chunk weights were given)."""
     routes: dict[int, str] = field(default_factory=dict)
     """Parameter index -> route: "ghost", "materialize", "embedding", "vectors" or "autograd"."""
     reasons: dict[int, str] = field(default_factory=dict)
@@ -61,9 +62,18 @@ def _gram_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def _vector_gram(vectors: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _vector_gram(vectors: torch.Tensor, dtype: torch.dtype, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """The Gram of per-sample gradients [N, k]; with chunk ``weights`` [N, D], of the chunk
+    gradients W^T V: N x D x k + D^2 x k multiply-adds instead of N^2 x k."""
     vectors = vectors.to(dtype)
+    if weights is not None:
+        vectors = weights.T @ vectors
     return vectors @ vectors.T
+
+
+def _reduce(sample_gram: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+    """A part computed per sample pair, reduced to the chunks: W^T G W (or G itself)."""
+    return sample_gram if weights is None else ops.chunk_gram(sample_gram, weights)
 
 
 def _maybe_checkpoint(function: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> torch.Tensor:
@@ -135,7 +145,8 @@ def _embedding_gram(uses: _ParameterUses, dtype: torch.dtype) -> torch.Tensor:
     return ops.embedding_gram(ids, b, padding_idx=padding).to(dtype)
 
 
-def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
+                  weights: Optional[torch.Tensor]) -> torch.Tensor:
     entries = uses.entries
 
     def compute(*flat: torch.Tensor) -> torch.Tensor:
@@ -144,7 +155,7 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype)
             bound = LayerUse(use.kind, use.roles, inputs, use.output, use.sample_axis, use.config)
             vectors = per_sample_vectors(bound, role, grad, param)
             total = vectors if total is None else total + vectors
-        return _vector_gram(total, dtype)
+        return _vector_gram(total, dtype, weights)
 
     flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
     # Keep the per-sample gradients for the backward when they are no bigger than the output
@@ -158,10 +169,15 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype)
 
 
 def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
-                    params: Sequence[torch.Tensor], create_graph: bool) -> SampleGram:
+                    params: Sequence[torch.Tensor], create_graph: bool,
+                    chunk_weights: Optional[torch.Tensor] = None) -> SampleGram:
     """The [N, N] per-sample Gram of ``model`` on one batch; see the module docstring.
 
-    The caller has put the model in NIO's modes and checked it has no batch coupling.
+    With ``chunk_weights`` [N, D] (``ops.chunk_weights``), the [D, D] Gram of the chunk
+    gradients sum_i W[i, k] g_i instead: per-sample gradients that are formed anyway are averaged
+    into chunk gradients before their Gram (no N x N Gram of them), the other routes' sample
+    Grams are reduced as W^T G W. The caller has put the model in NIO's modes and checked it has
+    no batch coupling (and, with chunks, that the loss of a chunk is its samples' mean).
     """
     num = num_samples(inputs)
     recorder = FactorRecorder(params, num)
@@ -195,25 +211,29 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
             if index not in unfactored:
                 by_param[index].entries.append((use, role, grad))
 
-    result = SampleGram(gram=torch.zeros(num, num, dtype=dtype, device=params[0].device))
+    weights = chunk_weights
+    result = SampleGram(gram=torch.zeros(0, dtype=dtype))
     parts = []
     for index, uses in sorted(by_param.items()):
         param = params[index]
         route = _outer_route(uses, param) if uses.outer_only() else None
-        if route == GHOST or (route == MATERIALIZE and uses.entries[0][0].kind != CONV):
-            part = _outer_gram(uses, param, dtype, route)
+        # Materialising: by outer_gram's bmm for linear layers per sample pair; as per-sample
+        # vectors for convolutions (grouped weight-gradient conv), and for linear layers too
+        # when chunks will average them (the N x N Gram of them is then skipped).
+        if route == GHOST or (route == MATERIALIZE and uses.entries[0][0].kind != CONV and weights is None):
+            part = _reduce(_outer_gram(uses, param, dtype, route), weights)
         elif route == MATERIALIZE:
-            part = _vectors_gram(uses, param, dtype)
+            part = _vectors_gram(uses, param, dtype, weights)
         elif uses.single_embedding():
-            part, route = _embedding_gram(uses, dtype), EMBEDDING_ROUTE
+            part, route = _reduce(_embedding_gram(uses, dtype), weights), EMBEDDING_ROUTE
         else:
-            part, route = _vectors_gram(uses, param, dtype), VECTORS
+            part, route = _vectors_gram(uses, param, dtype, weights), VECTORS
         parts.append(part)
         result.routes[index] = route
 
     if unfactored:
         indices = sorted(unfactored)
-        parts.append(_autograd_gram(losses, [params[i] for i in indices], create_graph, dtype, result,
+        parts.append(_autograd_gram(losses, [params[i] for i in indices], create_graph, dtype, weights, result,
                                     indices, unfactored))
     if not result.routes:
         raise ValueError("params: none of the selected parameters influences the loss")
@@ -225,7 +245,8 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
 
 
 def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_graph: bool, dtype: torch.dtype,
-                   result: SampleGram, indices: list[int], reasons: dict[int, str]) -> torch.Tensor:
+                   weights: Optional[torch.Tensor], result: SampleGram, indices: list[int],
+                   reasons: dict[int, str]) -> torch.Tensor:
     """Per-sample gradients of ``tensors`` by one backward per sample: exact for any op."""
     rows = []
     for i in range(losses.shape[0]):
@@ -238,4 +259,4 @@ def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_gra
         result.reasons[index] = reasons[index]
     logger.info("sample-wise GradCosine: %d parameter tensor(s) need %d backward passes (%s)",
                 len(indices), losses.shape[0], "; ".join(sorted(set(reasons[i] for i in indices))))
-    return _vector_gram(torch.stack(rows), dtype)
+    return _vector_gram(torch.stack(rows), dtype, weights)
