@@ -15,7 +15,7 @@ from torch import nn
 
 from . import distributed
 from .algorithms.batching import BatchStream, num_samples, to_device, unpack_batch
-from .algorithms.gradcosine import MODES, SAMPLES, GradCosineResult, LossFn, chunks_for, evaluate_gradcosine
+from .algorithms.gradcosine import MODES, SAMPLES, GradCosineResult, LossFn, evaluate_gradcosine
 from .algorithms.gradinit import INNER_OPTIMIZERS, run_gradinit
 from .algorithms.model_state import nio_modes
 from .algorithms.nio import OBJECTIVES, run_nio
