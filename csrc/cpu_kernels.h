@@ -49,6 +49,30 @@ const KernelTable& active_kernels();
 // variant is unknown or unsupported on this CPU / build. For tests.
 bool set_kernel_variant(const char* name);
 
+// The table of one variant: the kernels cpu_kernels_impl.h defined inside namespace `variant`
+// (in its anonymous namespace) and the variant's half conversions. A macro because the variants
+// differ only in the namespace their kernels were compiled into.
+#define NIO_FAST_VARIANT_TABLE(variant, variant_name, half_to_float_fn, float_to_half_fn) \
+  [] {                                                                                   \
+    KernelTable table;                                                                   \
+    table.name = variant_name;                                                           \
+    table.gram_acc_size_f32 = variant::gram_acc_size_f32;                                \
+    table.gram_accumulate_f32 = variant::gram_accumulate_f32;                            \
+    table.gram_flush_f32 = variant::gram_flush_f32;                                      \
+    table.gram_acc_size_f64 = variant::gram_acc_size_f64;                                \
+    table.gram_accumulate_f64 = variant::gram_accumulate_f64;                            \
+    table.gram_flush_f64 = variant::gram_flush_f64;                                      \
+    table.combine_f32 = variant::combine_f32;                                            \
+    table.combine_f64 = variant::combine_f64;                                            \
+    table.dot_f32 = variant::dot_f32;                                                    \
+    table.dot_f64 = variant::dot_f64;                                                    \
+    table.half_to_float = half_to_float_fn;                                              \
+    table.float_to_half = float_to_half_fn;                                              \
+    table.bfloat16_to_float = variant::bfloat16_to_float_impl;                           \
+    table.float_to_bfloat16 = variant::float_to_bfloat16_impl;                           \
+    return table;                                                                        \
+  }()
+
 // Variants compiled into this build (defined in cpu_kernels_*.cpp).
 KernelTable make_baseline_kernels();
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

@@ -80,24 +80,8 @@ namespace cpu {
 
 // Outside the target region: only takes addresses, runs on any CPU.
 KernelTable make_avx2_kernels() {
-  using namespace avx2_variant;
-  KernelTable table;
-  table.name = "avx2";
-  table.gram_acc_size_f32 = gram_acc_size_f32;
-  table.gram_accumulate_f32 = gram_accumulate_f32;
-  table.gram_flush_f32 = gram_flush_f32;
-  table.gram_acc_size_f64 = gram_acc_size_f64;
-  table.gram_accumulate_f64 = gram_accumulate_f64;
-  table.gram_flush_f64 = gram_flush_f64;
-  table.combine_f32 = combine_f32;
-  table.combine_f64 = combine_f64;
-  table.dot_f32 = dot_f32;
-  table.dot_f64 = dot_f64;
-  table.half_to_float = half_to_float_f16c;
-  table.float_to_half = float_to_half_f16c;
-  table.bfloat16_to_float = bfloat16_to_float_impl;
-  table.float_to_bfloat16 = float_to_bfloat16_impl;
-  return table;
+  return NIO_FAST_VARIANT_TABLE(avx2_variant, "avx2", avx2_variant::half_to_float_f16c,
+                                avx2_variant::float_to_half_f16c);
 }
 
 }  // namespace cpu

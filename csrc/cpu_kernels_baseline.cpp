@@ -36,24 +36,7 @@ void half_to_float_portable(const uint16_t* src, float* dst, int64_t n);
 void float_to_half_portable(const float* src, uint16_t* dst, int64_t n);
 
 KernelTable make_baseline_kernels() {
-  using namespace baseline_variant;
-  KernelTable table;
-  table.name = "baseline";
-  table.gram_acc_size_f32 = gram_acc_size_f32;
-  table.gram_accumulate_f32 = gram_accumulate_f32;
-  table.gram_flush_f32 = gram_flush_f32;
-  table.gram_acc_size_f64 = gram_acc_size_f64;
-  table.gram_accumulate_f64 = gram_accumulate_f64;
-  table.gram_flush_f64 = gram_flush_f64;
-  table.combine_f32 = combine_f32;
-  table.combine_f64 = combine_f64;
-  table.dot_f32 = dot_f32;
-  table.dot_f64 = dot_f64;
-  table.half_to_float = half_to_float_portable;
-  table.float_to_half = float_to_half_portable;
-  table.bfloat16_to_float = bfloat16_to_float_impl;
-  table.float_to_bfloat16 = float_to_bfloat16_impl;
-  return table;
+  return NIO_FAST_VARIANT_TABLE(baseline_variant, "baseline", half_to_float_portable, float_to_half_portable);
 }
 
 }  // namespace cpu
