@@ -199,3 +199,14 @@ def test_unbatched_layer_calls_take_the_autograd_route():
     batch = (torch.randn(7, 7, dtype=torch.float64), torch.randint(0, 5, (7,)))  # N = 7 = the width
     result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
     assert result.routes["project.weight"] == result.routes["project.bias"] == "autograd"
+
+
+def test_a_rule_that_cannot_parse_a_call_falls_back_to_autograd(monkeypatch):
+    from nio_fast.samplewise import recorder
+
+    def broken(*args, **kwargs):
+        raise TypeError("an unexpected argument form")
+    monkeypatch.setattr(recorder, "_LINEAR_ARGS", broken)
+    model, batch = build("mlp", torch.float64)
+    result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
+    assert all(route == "autograd" for name, route in result.routes.items() if name.endswith("weight"))

@@ -110,7 +110,10 @@ class FactorRecorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not isinstance(out, torch.Tensor) or not out.requires_grad:
             return out  # shape queries, detach(), no_grad code: no gradient flows through here
-        use = self._recognise(func, args, kwargs, out)
+        try:
+            use = self._recognise(func, args, kwargs, out)
+        except Exception as error:  # an argument form no rule expected: the exact autograd route takes it
+            use = f"{_name(func)} called in a form the factor rules do not parse ({type(error).__name__}: {error})"
         if isinstance(use, LayerUse):
             self.uses.append(use)
             stray = set(touched) - set(use.roles.values())
