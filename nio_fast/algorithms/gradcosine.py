@@ -312,15 +312,20 @@ def _weights_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-# (model, loss_fn) pairs whose chunk loss was checked to be the mean of its samples' losses.
-_MEAN_LOSS_CHECKED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+# Per model, the loss functions whose chunk loss was checked to be the mean of its samples'
+# losses. Weak references, not ids: a new loss function may reuse a collected one's id. (A loss
+# that cannot be weakly referenced is checked on every call.)
+_MEAN_LOSS_CHECKED: "weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet]" = weakref.WeakKeyDictionary()
 
 
 def _check_mean_loss(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                      bounds: Sequence[tuple[int, int]]) -> None:
-    checked = _MEAN_LOSS_CHECKED.setdefault(model, set())
-    if id(loss_fn) in checked:
-        return
+    checked = _MEAN_LOSS_CHECKED.setdefault(model, weakref.WeakSet())
+    try:
+        if loss_fn in checked:
+            return
+    except TypeError:  # not weakly referenceable
+        checked = None
     with torch.no_grad():
         outputs = call_model(model, inputs)
         samples = torch.stack([scalar_loss(loss_fn(slice_rows(outputs, i, i + 1), slice_rows(targets, i, i + 1)))
@@ -328,7 +333,9 @@ def _check_mean_loss(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossF
         for start, end in bounds:
             chunk = scalar_loss(loss_fn(slice_rows(outputs, start, end), slice_rows(targets, start, end)))
             if not torch.allclose(chunk, samples[start:end].mean(), rtol=1e-4, atol=1e-6):
-                raise NotASampleMean("loss_fn: mode='factors' with sub-batches needs the loss of a chunk to be the mean of "
-                                 f"its samples' losses; chunk {start}:{end} gives {chunk.item():.6g}, the mean of its "
-                                 f"samples' {samples[start:end].mean().item():.6g} (use mode='per_chunk' or 'exact')")
-    checked.add(id(loss_fn))
+                raise NotASampleMean(
+                    "loss_fn: mode='factors' with sub-batches needs the loss of a chunk to be the mean of its "
+                    f"samples' losses; chunk {start}:{end} gives {chunk.item():.6g}, the mean of its samples' "
+                    f"{samples[start:end].mean().item():.6g} (use mode='per_chunk' or 'exact')")
+    if checked is not None:
+        checked.add(loss_fn)
