@@ -70,6 +70,29 @@ def _blocks(total: int, size: int):
         yield start, min(total, start + size)
 
 
+def _upper_block_pairs(num: int, samples: int, load):
+    """Pairs of sample blocks ``(i0, i1, loaded_i), (j0, j1, loaded_j)`` with j0 >= i0, where
+    ``loaded = load(start, end)``; the diagonal pair shares one load. Every walk of a symmetric
+    pairwise quantity (the Grams and their backwards) goes through here."""
+    for i0, i1 in _blocks(num, samples):
+        first = load(i0, i1)
+        for j0, j1 in _blocks(num, samples):
+            if j0 < i0:
+                continue  # symmetric: the lower blocks mirror the upper ones
+            yield (i0, i1, first), (j0, j1, first if j0 == i0 else load(j0, j1))
+
+
+def _factor_rows(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype, start: int, end: int):
+    """One block of samples' factors in the accumulation dtype."""
+    return a[start:end].to(acc), b[start:end].to(acc)
+
+
+def _store_symmetric(gram: torch.Tensor, i0: int, i1: int, j0: int, j1: int, block: torch.Tensor) -> None:
+    gram[i0:i1, j0:j1] = block
+    if j0 != i0:
+        gram[j0:j1, i0:i1] = block.T
+
+
 # ---------------------------------------------------------------------------------------------
 # Block plans: how many samples (and positions) one temporary may cover.
 
@@ -162,27 +185,20 @@ def _ghost_forward(a: torch.Tensor, b: torch.Tensor, budget: int) -> torch.Tenso
     gram = torch.zeros((num, num), dtype=acc, device=a.device)
     itemsize = torch.finfo(acc).bits // 8
     samples, window = _ghost_plan(num, positions, max(d, p), itemsize, budget)
-    for i0, i1 in _blocks(num, samples):
-        a_i, b_i = a[i0:i1].to(acc), b[i0:i1].to(acc)
-        for j0, j1 in _blocks(num, samples):
-            if j0 < i0:
-                continue  # G is symmetric: mirror the upper blocks
-            a_j = a_i if j0 == i0 else a[j0:j1].to(acc)
-            b_j = b_i if j0 == i0 else b[j0:j1].to(acc)
-            if positions == 1:
-                # Plain Linear: (A A^T) * (B B^T), elementwise.
-                block = (a_i[:, 0] @ a_j[:, 0].T).mul_(b_i[:, 0] @ b_j[:, 0].T)
-            else:
-                block = torch.zeros((i1 - i0, j1 - j0), dtype=acc, device=a.device)
-                a_cols, b_cols = a_j.reshape(-1, d).T, b_j.reshape(-1, p).T
-                for t0, t1 in _blocks(positions, window):
-                    kernel = a_i[:, t0:t1].reshape(-1, d) @ a_cols
-                    kernel.mul_(b_i[:, t0:t1].reshape(-1, p) @ b_cols)
-                    block += kernel.view(i1 - i0, t1 - t0, j1 - j0, positions).sum((1, 3))
-                    del kernel
-            gram[i0:i1, j0:j1] = block
-            if j0 != i0:
-                gram[j0:j1, i0:i1] = block.T
+    load = functools.partial(_factor_rows, a, b, acc)
+    for (i0, i1, (a_i, b_i)), (j0, j1, (a_j, b_j)) in _upper_block_pairs(num, samples, load):
+        if positions == 1:
+            # Plain Linear: (A A^T) * (B B^T), elementwise.
+            block = (a_i[:, 0] @ a_j[:, 0].T).mul_(b_i[:, 0] @ b_j[:, 0].T)
+        else:
+            block = torch.zeros((i1 - i0, j1 - j0), dtype=acc, device=a.device)
+            a_cols, b_cols = a_j.reshape(-1, d).T, b_j.reshape(-1, p).T
+            for t0, t1 in _blocks(positions, window):
+                kernel = a_i[:, t0:t1].reshape(-1, d) @ a_cols
+                kernel.mul_(b_i[:, t0:t1].reshape(-1, p) @ b_cols)
+                block += kernel.view(i1 - i0, t1 - t0, j1 - j0, positions).sum((1, 3))
+                del kernel
+        _store_symmetric(gram, i0, i1, j0, j1, block)
     return gram
 
 
@@ -197,33 +213,28 @@ def _ghost_backward(a: torch.Tensor, b: torch.Tensor, sym: torch.Tensor, budget:
     samples, window = _ghost_plan(num, positions, max(d, p), itemsize, budget)
     grad_a = torch.zeros(a.shape, dtype=acc, device=a.device) if need_a else None
     grad_b = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
-    for i0, i1 in _blocks(num, samples):
-        a_i, b_i = a[i0:i1].to(acc), b[i0:i1].to(acc)
-        for j0, j1 in _blocks(num, samples):
-            if j0 < i0:
-                continue
-            a_j = a_i if j0 == i0 else a[j0:j1].to(acc)
-            b_j = b_i if j0 == i0 else b[j0:j1].to(acc)
-            a_rows, b_rows = a_j.reshape(-1, d), b_j.reshape(-1, p)
-            weights = sym[i0:i1, j0:j1].reshape(i1 - i0, 1, j1 - j0, 1)
-            for t0, t1 in _blocks(positions, window):
-                a_win = a_i[:, t0:t1].reshape(-1, d)
-                b_win = b_i[:, t0:t1].reshape(-1, p)
-                shape = (i1 - i0, t1 - t0, j1 - j0, positions)
-                if need_a:  # dA_i[t] += sum_{j,s} S_ij (b_it . b_js) a_js, and the mirror for j
-                    w = (b_win @ b_rows.T)
-                    w.view(shape).mul_(weights)
-                    grad_a[i0:i1, t0:t1] += (w @ a_rows).view(i1 - i0, t1 - t0, d)
-                    if j0 != i0:
-                        grad_a[j0:j1] += (w.T @ a_win).view(j1 - j0, positions, d)
-                    del w
-                if need_b:
-                    w = (a_win @ a_rows.T)
-                    w.view(shape).mul_(weights)
-                    grad_b[i0:i1, t0:t1] += (w @ b_rows).view(i1 - i0, t1 - t0, p)
-                    if j0 != i0:
-                        grad_b[j0:j1] += (w.T @ b_win).view(j1 - j0, positions, p)
-                    del w
+    load = functools.partial(_factor_rows, a, b, acc)
+    for (i0, i1, (a_i, b_i)), (j0, j1, (a_j, b_j)) in _upper_block_pairs(num, samples, load):
+        a_rows, b_rows = a_j.reshape(-1, d), b_j.reshape(-1, p)
+        weights = sym[i0:i1, j0:j1].reshape(i1 - i0, 1, j1 - j0, 1)
+        for t0, t1 in _blocks(positions, window):
+            a_win = a_i[:, t0:t1].reshape(-1, d)
+            b_win = b_i[:, t0:t1].reshape(-1, p)
+            shape = (i1 - i0, t1 - t0, j1 - j0, positions)
+            if need_a:  # dA_i[t] += sum_{j,s} S_ij (b_it . b_js) a_js, and the mirror for j
+                w = (b_win @ b_rows.T)
+                w.view(shape).mul_(weights)
+                grad_a[i0:i1, t0:t1] += (w @ a_rows).view(i1 - i0, t1 - t0, d)
+                if j0 != i0:
+                    grad_a[j0:j1] += (w.T @ a_win).view(j1 - j0, positions, d)
+                del w
+            if need_b:
+                w = (a_win @ a_rows.T)
+                w.view(shape).mul_(weights)
+                grad_b[i0:i1, t0:t1] += (w @ b_rows).view(i1 - i0, t1 - t0, p)
+                if j0 != i0:
+                    grad_b[j0:j1] += (w.T @ b_win).view(j1 - j0, positions, p)
+                del w
     return grad_a, grad_b
 
 
@@ -241,18 +252,9 @@ def _materialize_forward(a: torch.Tensor, b: torch.Tensor, budget: int) -> torch
     acc = _accumulation_dtype(a.dtype)
     gram = torch.zeros((num, num), dtype=acc, device=a.device)
     samples = _materialize_plan(num, positions, d, p, torch.finfo(acc).bits // 8, budget)
-    for i0, i1 in _blocks(num, samples):
-        p_i = _per_sample(a[i0:i1].to(acc), b[i0:i1].to(acc))
-        for j0, j1 in _blocks(num, samples):
-            if j0 < i0:
-                continue
-            p_j = p_i if j0 == i0 else _per_sample(a[j0:j1].to(acc), b[j0:j1].to(acc))
-            block = p_i @ p_j.T
-            gram[i0:i1, j0:j1] = block
-            if j0 != i0:
-                gram[j0:j1, i0:i1] = block.T
-            del p_j
-        del p_i
+    load = lambda start, end: _per_sample(a[start:end].to(acc), b[start:end].to(acc))  # noqa: E731
+    for (i0, i1, p_i), (j0, j1, p_j) in _upper_block_pairs(num, samples, load):
+        _store_symmetric(gram, i0, i1, j0, j1, p_i @ p_j.T)
     return gram
 
 
@@ -429,19 +431,11 @@ def _masked_rows(output_grads: torch.Tensor, indices: torch.Tensor, padding_idx:
     return rows
 
 
-def _embedding_pair_blocks(indices: torch.Tensor, output_grads: torch.Tensor, padding_idx: Optional[int],
-                           acc: torch.dtype, samples: int):
-    """Blocks (i, j) of samples with j >= i: their ranges, indices and masked rows (shared on the diagonal)."""
-    num = output_grads.shape[0]
-    for i0, i1 in _blocks(num, samples):
-        idx_i = indices[i0:i1]
-        b_i = _masked_rows(output_grads[i0:i1], idx_i, padding_idx, acc)
-        for j0, j1 in _blocks(num, samples):
-            if j0 < i0:
-                continue
-            idx_j = idx_i if j0 == i0 else indices[j0:j1]
-            b_j = b_i if j0 == i0 else _masked_rows(output_grads[j0:j1], idx_j, padding_idx, acc)
-            yield (i0, i1, idx_i, b_i), (j0, j1, idx_j, b_j)
+def _embedding_rows(indices: torch.Tensor, output_grads: torch.Tensor, padding_idx: Optional[int],
+                    acc: torch.dtype, start: int, end: int):
+    """One block of samples' indices and masked output-gradient rows."""
+    block = indices[start:end]
+    return block, _masked_rows(output_grads[start:end], block, padding_idx, acc)
 
 
 def _embedding_forward(indices: torch.Tensor, output_grads: torch.Tensor, padding_idx: Optional[int],
@@ -450,8 +444,8 @@ def _embedding_forward(indices: torch.Tensor, output_grads: torch.Tensor, paddin
     acc = _accumulation_dtype(output_grads.dtype)
     gram = torch.zeros((num, num), dtype=acc, device=output_grads.device)
     samples, window = _ghost_plan(num, positions, width, torch.finfo(acc).bits // 8, budget)
-    for (i0, i1, idx_i, b_i), (j0, j1, idx_j, b_j) in _embedding_pair_blocks(
-            indices, output_grads, padding_idx, acc, samples):
+    load = functools.partial(_embedding_rows, indices, output_grads, padding_idx, acc)
+    for (i0, i1, (idx_i, b_i)), (j0, j1, (idx_j, b_j)) in _upper_block_pairs(num, samples, load):
         block = torch.zeros((i1 - i0, j1 - j0), dtype=acc, device=gram.device)
         cols, ids = b_j.reshape(-1, width).T, idx_j.reshape(1, -1)
         for t0, t1 in _blocks(positions, window):
@@ -459,9 +453,7 @@ def _embedding_forward(indices: torch.Tensor, output_grads: torch.Tensor, paddin
             kernel.masked_fill_(idx_i[:, t0:t1].reshape(-1, 1) != ids, 0)
             block += kernel.view(i1 - i0, t1 - t0, j1 - j0, positions).sum((1, 3))
             del kernel
-        gram[i0:i1, j0:j1] = block
-        if j0 != i0:
-            gram[j0:j1, i0:i1] = block.T
+        _store_symmetric(gram, i0, i1, j0, j1, block)
     return gram
 
 
@@ -472,8 +464,8 @@ def _embedding_backward(indices: torch.Tensor, output_grads: torch.Tensor, paddi
     acc = sym.dtype
     samples, window = _ghost_plan(num, positions, width, torch.finfo(acc).bits // 8, budget)
     grad = torch.zeros(output_grads.shape, dtype=acc, device=output_grads.device)
-    for (i0, i1, idx_i, b_i), (j0, j1, idx_j, b_j) in _embedding_pair_blocks(
-            indices, output_grads, padding_idx, acc, samples):
+    load = functools.partial(_embedding_rows, indices, output_grads, padding_idx, acc)
+    for (i0, i1, (idx_i, b_i)), (j0, j1, (idx_j, b_j)) in _upper_block_pairs(num, samples, load):
         rows, ids = b_j.reshape(-1, width), idx_j.reshape(1, -1)
         weights = sym[i0:i1, j0:j1].reshape(i1 - i0, 1, j1 - j0, 1)
         for t0, t1 in _blocks(positions, window):
