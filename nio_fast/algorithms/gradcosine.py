@@ -27,6 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
+from ..ops.gram import accumulation_dtype
 from .batching import call_model, chunk_bounds, num_samples, slice_rows
 from .model_state import couples_samples
 
@@ -301,15 +302,11 @@ def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: L
     per_sample = len(bounds) == num and all(end - start == 1 for start, end in bounds)
     if not per_sample:
         _check_mean_loss(model, inputs, targets, loss_fn, bounds)
-    weights = None if per_sample else ops.chunk_weights(bounds, num, _weights_dtype(params), params[0].device)
+    weights = None if per_sample else ops.chunk_weights(bounds, num, accumulation_dtype(params), params[0].device)
     sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph, chunk_weights=weights)
     gram = sample.gram
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)
-
-
-def _weights_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 # Per model, the loss functions whose chunk loss was checked to be the mean of its samples'

@@ -29,6 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..ops.gram import accumulation_dtype
 from ..algorithms.batching import call_model, num_samples, slice_rows
 from .factors import is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
@@ -56,10 +57,6 @@ def per_sample_losses(outputs: Any, targets: Any, loss_fn: Callable, num: int) -
     from ..algorithms.gradcosine import scalar_loss
     return torch.stack([scalar_loss(loss_fn(slice_rows(outputs, i, i + 1), slice_rows(targets, i, i + 1)))
                         for i in range(num)])
-
-
-def _gram_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
 def _vector_gram(vectors: torch.Tensor, dtype: torch.dtype, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -187,7 +184,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     if not losses.requires_grad:
         raise ValueError("loss_fn: the loss it returned does not depend on the selected parameters "
                          "(no gradient can flow); check params and the model")
-    dtype = _gram_dtype(params)
+    dtype = accumulation_dtype(params)  # fp64 when any parameter is, as for ops.gram
 
     factored = [use for use in recorder.uses if any(i not in recorder.unfactored for i in use.roles.values())]
     seen = recorder.unfactored.keys() | {i for use in factored for i in use.roles.values()}
@@ -212,7 +209,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
                 by_param[index].entries.append((use, role, grad))
 
     weights = chunk_weights
-    result = SampleGram(gram=torch.zeros(0, dtype=dtype))
+    routes: dict[int, str] = {}
     parts = []
     for index, uses in sorted(by_param.items()):
         param = params[index]
@@ -229,24 +226,26 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
         else:
             part, route = _vectors_gram(uses, param, dtype, weights), VECTORS
         parts.append(part)
-        result.routes[index] = route
+        routes[index] = route
 
+    reasons: dict[int, str] = {}
     if unfactored:
         indices = sorted(unfactored)
-        parts.append(_autograd_gram(losses, [params[i] for i in indices], create_graph, dtype, weights, result,
-                                    indices, unfactored))
-    if not result.routes:
+        parts.append(_autograd_gram(losses, [params[i] for i in indices], create_graph, dtype, weights))
+        routes.update((index, AUTOGRAD) for index in indices)
+        reasons.update((index, unfactored[index]) for index in indices)
+        logger.info("sample-wise GradCosine: %d parameter tensor(s) need %d backward passes (%s)",
+                    len(indices), num, "; ".join(sorted(set(reasons.values()))))
+    if not routes:
         raise ValueError("params: none of the selected parameters influences the loss")
     if not create_graph:
         parts = [part.detach() for part in parts]
-    result.gram = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
-    logger.debug("sample-wise Gram routes: %s", result.routes)
-    return result
+    logger.debug("sample-wise Gram routes: %s", routes)
+    return SampleGram(torch.stack(parts).sum(0) if len(parts) > 1 else parts[0], routes, reasons)
 
 
 def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_graph: bool, dtype: torch.dtype,
-                   weights: Optional[torch.Tensor], result: SampleGram, indices: list[int],
-                   reasons: dict[int, str]) -> torch.Tensor:
+                   weights: Optional[torch.Tensor]) -> torch.Tensor:
     """Per-sample gradients of ``tensors`` by one backward per sample: exact for any op."""
     rows = []
     for i in range(losses.shape[0]):
@@ -254,9 +253,4 @@ def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_gra
                                     allow_unused=True)
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
                                for g, t in zip(grads, tensors)]))
-    for index in indices:
-        result.routes[index] = AUTOGRAD
-        result.reasons[index] = reasons[index]
-    logger.info("sample-wise GradCosine: %d parameter tensor(s) need %d backward passes (%s)",
-                len(indices), losses.shape[0], "; ".join(sorted(set(reasons[i] for i in indices))))
     return _vector_gram(torch.stack(rows), dtype, weights)
