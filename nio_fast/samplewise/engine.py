@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -117,7 +117,7 @@ def _outer_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype, r
     def compute(*flat: torch.Tensor) -> torch.Tensor:
         a_parts, b_parts = [], []
         for (use, _, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
-            bound = LayerUse(use.kind, use.roles, inputs, use.output, use.sample_axis, use.config)
+            bound = replace(use, inputs=inputs)  # the checkpoint's own input
             a, b = outer_factors(bound, grad, param.shape)
             a_parts.append(a)
             b_parts.append(b)
@@ -149,7 +149,7 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
     def compute(*flat: torch.Tensor) -> torch.Tensor:
         total = None
         for (use, role, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
-            bound = LayerUse(use.kind, use.roles, inputs, use.output, use.sample_axis, use.config)
+            bound = replace(use, inputs=inputs)  # the checkpoint's own input
             vectors = per_sample_vectors(bound, role, grad, param)
             total = vectors if total is None else total + vectors
         return _vector_gram(total, dtype, weights)

@@ -15,9 +15,8 @@ sequence and sample axes; it is replaced by an equal decomposition whose project
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,25 +46,29 @@ class LayerUse:
     """Op settings the factor rule needs (stride, padding_idx, eps, the broadcast op, ...)."""
 
 
-def _binder(signature: str) -> Callable[..., dict[str, Any]]:
-    """Normalise a call's args and kwargs to a dict, by a Python stand-in signature."""
-    namespace: dict[str, Any] = {}
-    exec(f"def stand_in{signature}: pass", namespace)  # noqa: S102 - a fixed signature string, no input
-    bind = inspect.signature(namespace["stand_in"]).bind
-
-    def normalise(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        bound = bind(*args, **kwargs)
-        bound.apply_defaults()
-        return dict(bound.arguments)
-    return normalise
+# The argument lists of the functional ops with a rule, as PyTorch names them: each returns its
+# arguments as a dict, defaults filled in, however the call passed them (``input`` shadows the
+# builtin, as in torch.nn.functional).
+def _linear_args(input, weight, bias=None) -> dict[str, Any]:
+    return dict(locals())
 
 
-_LINEAR_ARGS = _binder("(input, weight, bias=None)")
-_CONV_ARGS = _binder("(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)")
-_EMBEDDING_ARGS = _binder("(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, "
-                          "scale_grad_by_freq=False, sparse=False)")
-_LAYER_NORM_ARGS = _binder("(input, normalized_shape, weight=None, bias=None, eps=1e-05)")
-_GROUP_NORM_ARGS = _binder("(input, num_groups, weight=None, bias=None, eps=1e-05)")
+def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict[str, Any]:
+    return dict(locals())
+
+
+def _embedding_args(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+                    scale_grad_by_freq=False, sparse=False) -> dict[str, Any]:
+    return dict(locals())
+
+
+def _layer_norm_args(input, normalized_shape, weight=None, bias=None, eps=1e-05) -> dict[str, Any]:
+    return dict(locals())
+
+
+def _group_norm_args(input, num_groups, weight=None, bias=None, eps=1e-05) -> dict[str, Any]:
+    return dict(locals())
+
 
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2}
 _ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
@@ -140,12 +143,12 @@ class FactorRecorder(TorchFunctionMode):
     def _recognise(self, func, args, kwargs, out) -> "LayerUse | str":
         """The use, or the reason it cannot be factored."""
         if func is F.linear:
-            bound = _LINEAR_ARGS(*args, **kwargs)
+            bound = _linear_args(*args, **kwargs)
             if getattr(bound["input"], "dim", lambda: 0)() < 2:
                 return "linear on an unbatched (1-D) input"
             return self._weighted(LINEAR, bound, out)
         if func in _CONV_FUNCS:
-            bound = _CONV_ARGS(*args, **kwargs)
+            bound = _conv_args(*args, **kwargs)
             if getattr(bound["input"], "dim", lambda: 0)() != _CONV_FUNCS[func] + 2:
                 return "convolution on an unbatched input"
             use = self._weighted(CONV, bound, out)
@@ -154,7 +157,7 @@ class FactorRecorder(TorchFunctionMode):
                 use.config["spatial_dims"] = _CONV_FUNCS[func]
             return use
         if func is F.embedding:
-            bound = _EMBEDDING_ARGS(*args, **kwargs)
+            bound = _embedding_args(*args, **kwargs)
             if bound["max_norm"] is not None or bound["scale_grad_by_freq"]:
                 return "embedding with max_norm or scale_grad_by_freq"
             use = self._weighted(EMBEDDING, bound, out)
@@ -163,13 +166,13 @@ class FactorRecorder(TorchFunctionMode):
                 use.config["num_embeddings"] = bound["weight"].shape[0]
             return use
         if func is F.layer_norm:
-            bound = _LAYER_NORM_ARGS(*args, **kwargs)
+            bound = _layer_norm_args(*args, **kwargs)
             use = self._weighted(LAYER_NORM, bound, out)
             if isinstance(use, LayerUse):
                 use.config.update(normalized_shape=tuple(bound["normalized_shape"]), eps=bound["eps"])
             return use
         if func is F.group_norm:
-            bound = _GROUP_NORM_ARGS(*args, **kwargs)
+            bound = _group_norm_args(*args, **kwargs)
             use = self._weighted(GROUP_NORM, bound, out)
             if isinstance(use, LayerUse):
                 use.config.update(num_groups=bound["num_groups"], eps=bound["eps"])
