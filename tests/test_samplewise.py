@@ -188,17 +188,19 @@ def test_unbatched_layer_calls_take_the_autograd_route():
         def __init__(self):
             super().__init__()
             self.query = nn.Parameter(torch.randn(7))
+            self.norm = nn.LayerNorm(7)
             self.project = nn.Linear(7, 7)
             self.head = nn.Linear(7, 5)
 
         def forward(self, x):  # x: [N, 7]; the projected query is one vector for the whole batch
-            return self.head(x * self.project(self.query))
+            return self.head(x * self.project(self.norm(2 * self.query)))
 
     torch.manual_seed(0)
     model = SharedQuery().double()
     batch = (torch.randn(7, 7, dtype=torch.float64), torch.randint(0, 5, (7,)))  # N = 7 = the width
     result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
     assert result.routes["project.weight"] == result.routes["project.bias"] == "autograd"
+    assert result.routes["norm.weight"] == result.routes["norm.bias"] == "autograd"
 
 
 def test_a_rule_that_cannot_parse_a_call_falls_back_to_autograd(monkeypatch):

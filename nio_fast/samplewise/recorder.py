@@ -143,49 +143,43 @@ class FactorRecorder(TorchFunctionMode):
     def _recognise(self, func, args, kwargs, out) -> "LayerUse | str":
         """The use, or the reason it cannot be factored."""
         if func is F.linear:
-            bound = _linear_args(*args, **kwargs)
-            if getattr(bound["input"], "dim", lambda: 0)() < 2:
-                return "linear on an unbatched (1-D) input"
-            return self._weighted(LINEAR, bound, out)
+            return self._weighted(LINEAR, _linear_args(*args, **kwargs), out, batched_rank=2)
         if func in _CONV_FUNCS:
-            bound = _conv_args(*args, **kwargs)
-            if getattr(bound["input"], "dim", lambda: 0)() != _CONV_FUNCS[func] + 2:
-                return "convolution on an unbatched input"
-            use = self._weighted(CONV, bound, out)
-            if isinstance(use, LayerUse):
-                use.config = {key: bound[key] for key in ("stride", "padding", "dilation", "groups")}
-                use.config["spatial_dims"] = _CONV_FUNCS[func]
-            return use
+            bound, dims = _conv_args(*args, **kwargs), _CONV_FUNCS[func]
+            config = {key: bound[key] for key in ("stride", "padding", "dilation", "groups")}
+            return self._weighted(CONV, bound, out, batched_rank=dims + 2, exact_rank=True,
+                                  config={**config, "spatial_dims": dims})
         if func is F.embedding:
             bound = _embedding_args(*args, **kwargs)
             if bound["max_norm"] is not None or bound["scale_grad_by_freq"]:
                 return "embedding with max_norm or scale_grad_by_freq"
-            use = self._weighted(EMBEDDING, bound, out)
-            if isinstance(use, LayerUse):
-                use.config["padding_idx"] = bound["padding_idx"]
-                use.config["num_embeddings"] = bound["weight"].shape[0]
-            return use
+            return self._weighted(EMBEDDING, bound, out, batched_rank=1,
+                                  config={"padding_idx": bound["padding_idx"],
+                                          "num_embeddings": bound["weight"].shape[0]})
         if func is F.layer_norm:
             bound = _layer_norm_args(*args, **kwargs)
-            use = self._weighted(LAYER_NORM, bound, out)
-            if isinstance(use, LayerUse):
-                use.config.update(normalized_shape=tuple(bound["normalized_shape"]), eps=bound["eps"])
-            return use
+            shape = tuple(bound["normalized_shape"])
+            return self._weighted(LAYER_NORM, bound, out, batched_rank=len(shape) + 1,
+                                  config={"normalized_shape": shape, "eps": bound["eps"]})
         if func is F.group_norm:
             bound = _group_norm_args(*args, **kwargs)
-            use = self._weighted(GROUP_NORM, bound, out)
-            if isinstance(use, LayerUse):
-                use.config.update(num_groups=bound["num_groups"], eps=bound["eps"])
-            return use
+            return self._weighted(GROUP_NORM, bound, out, batched_rank=2,
+                                  config={"num_groups": bound["num_groups"], "eps": bound["eps"]})
         if func in _ADD or func in _SUB or func in _RSUB or func in _MUL or func in _EXPAND:
             return self._broadcast(func, args, kwargs, out)
         return f"used by {_name(func)}, which has no factor rule"
 
-    def _weighted(self, kind: str, bound: dict[str, Any], out: torch.Tensor) -> "LayerUse | str":
-        """A layer op: data in ``input``, parameters in ``weight`` / ``bias``."""
+    def _weighted(self, kind: str, bound: dict[str, Any], out: torch.Tensor, *, batched_rank: int,
+                  exact_rank: bool = False, config: Optional[dict[str, Any]] = None) -> "LayerUse | str":
+        """A layer op: data in ``input``, parameters in ``weight`` / ``bias``. ``batched_rank``: the
+        fewest dimensions (or, ``exact_rank``, the only count) of a batched input; an unbatched
+        input (a 1-D vector whose length happens to be N, say) has no sample axis."""
         data = bound["input"]
         if self._selected(data) is not None:
             return f"a parameter is the data input of {kind}"
+        rank = data.dim() if isinstance(data, torch.Tensor) else 0
+        if rank < batched_rank or (exact_rank and rank != batched_rank):
+            return f"{kind} on an unbatched input (shape {tuple(getattr(data, 'shape', ()))})"
         if not self._has_sample_axis(data) or not self._has_sample_axis(out):
             return f"{kind} input without the sample axis (shape {tuple(getattr(data, 'shape', ()))})"
         roles = {}
@@ -194,7 +188,7 @@ class FactorRecorder(TorchFunctionMode):
             index = self._selected(tensor)
             if index is not None:
                 roles[role] = index
-        return LayerUse(kind, roles, data, out, self._sample_axis)
+        return LayerUse(kind, roles, data, out, self._sample_axis, dict(config or {}))
 
     def _broadcast(self, func, args, kwargs, out) -> "LayerUse | str":
         """``x + p``, ``x - p``, ``p - x``, ``x * p``, ``p.expand(N, ...)``: p broadcast over samples."""
