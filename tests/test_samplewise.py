@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import nio_fast
+from nio_fast.samplewise import engine
 from models import batch_for, make_model
 from reference import reference_gradcosine, spec_modes
 from samplewise_models import ZOO, make_zoo_model, zoo_batch
@@ -91,7 +92,6 @@ def test_routes_name_every_parameter_and_the_fallbacks():
 
 @pytest.mark.parametrize("forced", ["ghost", "materialize"])
 def test_both_outer_routes_are_exact(forced, monkeypatch):
-    from nio_fast.samplewise import engine
     monkeypatch.setattr(engine, "choose_outer_route", lambda *sizes: forced)
     for name in ("conv_zoo", "token_transformer"):
         model, batch = build(name, torch.float64)
@@ -99,13 +99,36 @@ def test_both_outer_routes_are_exact(forced, monkeypatch):
         assert forced in set(result.routes.values())
 
 
+@pytest.mark.parametrize("chunk_sums", [True, False], ids=["chunk-sums", "sample-grams"])
 @pytest.mark.parametrize("sub_batches,overlap", [(2, 0.0), (3, 0.3), (4, 0.0), (5, 0.5)])
 @pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer"])
-def test_factor_mode_chunk_grams_equal_the_sub_batch_reference(name, sub_batches, overlap):
+def test_factor_mode_chunk_grams_equal_the_sub_batch_reference(monkeypatch, name, sub_batches, overlap, chunk_sums):
+    # chunk sums: linear / conv weights reduced per chunk; else every part through W^T G W or W^T V
+    monkeypatch.setattr(engine, "_chunks_beat_ghost", lambda *args: chunk_sums)
     model, batch = build(name, torch.float64, seed=1)
     result = check_against_reference(model, batch, 1e-10, sub_batches=sub_batches, overlap=overlap,
                                      mode="factors")
     assert result.mode == "factors"
+    assert ("chunks" in result.routes.values()) == chunk_sums
+
+
+@pytest.mark.parametrize("name", ["conv_zoo", "token_transformer"])
+def test_chunk_sums_in_fp32(name):
+    model, batch = build(name, torch.float32, seed=2)
+    result = check_against_reference(model, batch, 1e-5, sub_batches=4, overlap=0.25, mode="factors")
+    assert "chunks" in result.routes.values()
+
+
+def test_chunk_sums_win_where_chunks_are_few_and_ghost_where_layers_are_wide():
+    model, batch = build("conv_zoo", torch.float64)
+    few = nio_fast.gradcosine(model, batch, sub_batches=2, mode="factors")
+    assert all(route in ("chunks", "vectors") for route in few.routes.values()), few.routes
+    # a 2048 x 2048 linear layer seen by 8 samples: the ghost Gram (8^2 x 4096) beats 8 x 2048^2
+    wide = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.Tanh(), torch.nn.Linear(2048, 3)).double()
+    inputs = torch.randn(8, 2048, dtype=torch.float64)
+    result = check_against_reference(wide, (inputs, torch.randint(0, 3, (8,))), 1e-10, sub_batches=4,
+                                     mode="factors")
+    assert result.routes["0.weight"] == "ghost"
 
 
 def test_batchnorm_model_runs_the_exact_whole_batch_semantics():

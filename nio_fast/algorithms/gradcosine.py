@@ -27,7 +27,6 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
-from ..ops.gram import accumulation_dtype
 from .batching import call_model, chunk_bounds, num_samples, slice_rows
 from .model_state import couples_samples
 
@@ -302,8 +301,8 @@ def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: L
     per_sample = len(bounds) == num and all(end - start == 1 for start, end in bounds)
     if not per_sample:
         _check_mean_loss(model, inputs, targets, loss_fn, bounds)
-    weights = None if per_sample else ops.chunk_weights(bounds, num, accumulation_dtype(params), params[0].device)
-    sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph, chunk_weights=weights)
+    sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph,
+                             chunks=None if per_sample else bounds)
     gram = sample.gram
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)

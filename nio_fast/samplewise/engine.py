@@ -11,6 +11,9 @@
    gradients formed, they are small) for the rest. Each route runs under activation
    checkpointing: the backward recomputes it from the layer's input and output gradient, so
    no per-sample gradient or unfolded input outlives its own layer.
+   With chunks (sub-batch NIO), linear and convolution weights take ``chunks`` instead where it
+   is cheaper than ghost: each chunk's gradient is one weight-gradient reduction over its rows,
+   as a training step's backward computes it, and no per-sample gradient exists.
 4. Parameters used in a way no rule covers get their per-sample gradients from autograd, one
    backward per sample (``autograd``): exact for any op, and the only route whose cost grows
    with N backward passes; :class:`SampleGram` says which parameters took it and why.
@@ -31,12 +34,13 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops.gram import accumulation_dtype
 from ..algorithms.batching import call_model, num_samples, slice_rows
-from .factors import is_outer, outer_factors, per_sample_vectors
+from .factors import chunk_sums, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
 
 logger = logging.getLogger("nio_fast")
 
-GHOST, MATERIALIZE, EMBEDDING_ROUTE, VECTORS, AUTOGRAD = "ghost", "materialize", "embedding", "vectors", "autograd"
+GHOST, MATERIALIZE, EMBEDDING_ROUTE, VECTORS, CHUNKS, AUTOGRAD = (
+    "ghost", "materialize", "embedding", "vectors", "chunks", "autograd")
 
 
 @dataclass
@@ -96,6 +100,10 @@ class _ParameterUses:
         return bool(self.entries) and all(is_outer(use, role) for use, role, _ in self.entries) and \
             len({use.kind for use, _, _ in self.entries}) == 1
 
+    def chunk_rule_only(self) -> bool:
+        """Every use is a linear or convolution weight: ``chunk_sums`` covers the parameter."""
+        return bool(self.entries) and all(has_chunk_rule(use, role) for use, role, _ in self.entries)
+
     def single_embedding(self) -> bool:
         return len(self.entries) == 1 and self.entries[0][0].kind == EMBEDDING
 
@@ -106,6 +114,46 @@ def _outer_route(uses: _ParameterUses, param: torch.Tensor) -> str:
     num = entries[0][2].shape[entries[0][0].sample_axis]
     positions = sum(grad.numel() // (num * param.shape[0]) for _, _, grad in entries)
     return choose_outer_route(num, positions, param[0].numel(), param.shape[0], param.element_size())
+
+
+def _chunks_beat_ghost(uses: _ParameterUses, param: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> bool:
+    """Chunk sums (one weight-gradient reduction over each chunk's rows, then a D x D Gram) cost
+    ``(sum of chunk sizes) T d p + D^2 d p`` multiply-adds; the ghost route's per-sample Gram
+    ``N^2 T^2 (d + p)``, its W^T G W reduction next to nothing. Materialising per sample is never
+    cheaper than chunk sums, so this is the one comparison."""
+    entries = uses.entries
+    num = entries[0][2].shape[entries[0][0].sample_axis]
+    out_features, in_features = param.shape[0], param[0].numel()
+    positions = sum(grad.numel() // (num * out_features) for _, _, grad in entries)
+    rows = sum(min(end, num) - start for start, end in bounds)
+    chunk_cost = float(rows) * positions * in_features * out_features + float(len(bounds)) ** 2 * param.numel()
+    if not uses.outer_only():
+        return True  # grouped convolutions, or linear and convolution uses mixed: no ghost route
+    cost = ops.outer_gram_cost(num, positions, in_features, out_features, itemsize=param.element_size())
+    return chunk_cost < cost.ghost_flops
+
+
+def _chunk_sums_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
+                     bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The Gram of the chunk gradients of a linear or convolution weight from its chunk sums."""
+    entries = uses.entries
+    num = entries[0][2].shape[entries[0][0].sample_axis]
+    sizes = torch.tensor([min(end, num) - start for start, end in bounds], dtype=dtype, device=param.device)
+
+    def compute(*flat: torch.Tensor) -> torch.Tensor:
+        total = None
+        for (use, _, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
+            sums = chunk_sums(replace(use, inputs=inputs), grad, param.shape, bounds)
+            total = sums if total is None else total + sums
+        chunk_grads = total.to(dtype) / sizes.unsqueeze(1)
+        return chunk_grads @ chunk_grads.T
+
+    flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
+    # As for per-sample vectors: keep the D chunk gradients for the backward when they are no
+    # bigger than the output gradients, else recompute them there.
+    if len(bounds) * param.numel() <= sum(grad.numel() for _, _, grad in entries):
+        return compute(*flat)
+    return _maybe_checkpoint(compute, *flat)
 
 
 def _outer_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype, route: str) -> torch.Tensor:
@@ -167,14 +215,16 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
 
 def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
                     params: Sequence[torch.Tensor], create_graph: bool,
-                    chunk_weights: Optional[torch.Tensor] = None) -> SampleGram:
+                    chunks: Optional[Sequence[tuple[int, int]]] = None) -> SampleGram:
     """The [N, N] per-sample Gram of ``model`` on one batch; see the module docstring.
 
-    With ``chunk_weights`` [N, D] (``ops.chunk_weights``), the [D, D] Gram of the chunk
-    gradients sum_i W[i, k] g_i instead: per-sample gradients that are formed anyway are averaged
-    into chunk gradients before their Gram (no N x N Gram of them), the other routes' sample
-    Grams are reduced as W^T G W. The caller has put the model in NIO's modes and checked it has
-    no batch coupling (and, with chunks, that the loss of a chunk is its samples' mean).
+    With ``chunks`` ((start, end) sample ranges, overlaps allowed), the [D, D] Gram of the chunk
+    gradients (each the mean of its samples' gradients) instead: linear and convolution weights
+    take the ``chunks`` route where it is cheaper than ghost (each chunk's gradient reduced from
+    its rows, as a training step's backward does); per-sample gradients formed anyway are averaged
+    into chunk gradients before their Gram (W^T V); the other routes' sample Grams are reduced as
+    W^T G W, W = ``ops.chunk_weights``. The caller has put the model in NIO's modes and checked it
+    has no batch coupling (and, with chunks, that the loss of a chunk is its samples' mean).
     """
     num = num_samples(inputs)
     recorder = FactorRecorder(params, num)
@@ -208,11 +258,15 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
             if index not in unfactored:
                 by_param[index].entries.append((use, role, grad))
 
-    weights = chunk_weights
+    weights = None if chunks is None else ops.chunk_weights(chunks, num, dtype, params[0].device)
     routes: dict[int, str] = {}
     parts = []
     for index, uses in sorted(by_param.items()):
         param = params[index]
+        if chunks is not None and uses.chunk_rule_only() and _chunks_beat_ghost(uses, param, chunks):
+            parts.append(_chunk_sums_gram(uses, param, dtype, chunks))
+            routes[index] = CHUNKS
+            continue
         route = _outer_route(uses, param) if uses.outer_only() else None
         # Materialising: by outer_gram's bmm for linear layers per sample pair; as per-sample
         # vectors for convolutions (grouped weight-gradient conv), and for linear layers too
