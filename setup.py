@@ -27,7 +27,10 @@ from torch.utils import cpp_extension
 
 CSRC = "csrc"
 # Torch-facing CUDA code (uses ATen's CUDA headers): compiled only in CUDA builds.
-CUDA_ONLY_CPP_SOURCES = {os.path.join(CSRC, "gram_cuda_binding.cpp")}
+CUDA_ONLY_CPP_SOURCES = {
+    os.path.join(CSRC, "chunk_reduce_cuda_binding.cpp"),
+    os.path.join(CSRC, "gram_cuda_binding.cpp"),
+}
 
 
 def env_flag(name: str) -> bool:

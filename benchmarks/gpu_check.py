@@ -6,8 +6,9 @@ Steps, in order, each recorded whatever the others do:
 
 1. build: compile nio_fast._C in place (``setup.py build_ext --inplace --force``) when it does not
    import, or lacks CUDA kernels although nvcc and CUDA sources are there (``--build`` to choose);
-2. tests: ``pytest tests/test_triton_gram.py tests/test_extension.py tests/test_ops.py`` with
-   TRITON_INTERPRET unset, so that their CUDA classes and parameters run; pass/fail counts;
+2. tests: ``pytest`` of CORRECTNESS_TEST_FILES (the Gram, ghost-Gram and chunk-reduction kernels,
+   the extension, the ops) with TRITON_INTERPRET unset, so that their CUDA classes and
+   parameters run; pass/fail counts;
 3. bandwidth: the device's copy bandwidth (a large device-to-device copy, bytes read plus
    written per second) and each backend's on ViT-B/16-shaped gradients: forward, the gradients'
    bytes read once (D x m x element size) per second; backward, those bytes read and as many
@@ -62,7 +63,9 @@ for _path in (str(ROOT), str(BENCHMARKS)):
 import torch  # noqa: E402  (nio_fast is imported after the build step, which may create _C)
 
 STEPS = ("build", "tests", "bandwidth", "gram", "torchvision", "iteration", "samplewise")
-CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py")
+CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py",
+                          "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
+                          "tests/test_chunk_reduce.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one training step and one iteration pair, D = 16
 DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only

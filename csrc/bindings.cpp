@@ -1,7 +1,8 @@
 // Python module nio_fast._C: argument conversion and the GIL only; the work
-// is in gram_ops.cpp, tensor_dots.cpp and work_table.cpp.
+// is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp and chunk_reduce.cpp.
 #include <torch/extension.h>
 
+#include "chunk_reduce.h"
 #include "cpu_kernels.h"
 #include "gram_ops.h"
 #include "tensor_dots.h"
@@ -36,6 +37,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "for one dtype group of walkable tensors.");
   m.def("tensor_dots", &nio_fast::tensor_dots, py::arg("a"), py::arg("b"), py::call_guard<py::gil_scoped_release>(),
         "float64 [P] tensor of <a[p], b[p]> on the inputs' device.");
+  m.def("chunk_sandwich", &nio_fast::chunk_sandwich, py::arg("matrix"), py::arg("offsets"), py::arg("indices"),
+        py::arg("weights"), py::call_guard<py::gil_scoped_release>(),
+        "out[r, s] = sum over row r's entries a and row s's entries b of weights[a] * weights[b] * "
+        "matrix[indices[a], indices[b]] (W M W^T for CSR rows of W).");
+  m.def("chunk_row_sums", &nio_fast::chunk_row_sums, py::arg("values"), py::arg("offsets"), py::arg("indices"),
+        py::arg("weights"), py::call_guard<py::gil_scoped_release>(),
+        "out[r, :] = sum over row r's entries a of weights[a] * values[indices[a], :] (W V for CSR rows of W).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").

@@ -1,12 +1,11 @@
 """Per-sample gradient Grams from layer factors: both outer_gram routes and embedding_gram
-against their plain twins (values and gradients), blocking, saved tensors, chunk Grams, input checks."""
+against their plain twins (values and gradients), blocking, saved tensors, input checks."""
 import itertools
 
 import pytest
 import torch
 
 from nio_fast import ops
-from nio_fast.algorithms.batching import chunk_bounds
 from nio_fast.ops import factor_gram
 
 ROUTES = ["ghost", "materialize"]
@@ -237,37 +236,6 @@ def test_embedding_gradcheck(block_bytes):
 
 
 # ---------------------------------------------------------------------------------------------
-# Chunks.
-
-@pytest.mark.parametrize("num_chunks", [2, 3, 5])
-@pytest.mark.parametrize("overlap", [0.0, 0.5])
-def test_chunk_gram_is_the_gram_of_averaged_per_sample_gradients(num_chunks, overlap):
-    n = 11
-    gen = torch.Generator().manual_seed(num_chunks)
-    per_sample = torch.randn(n, 13, generator=gen, dtype=torch.float64, requires_grad=True)
-    bounds = chunk_bounds(n, num_chunks, overlap)
-    weights = ops.chunk_weights(bounds, n, torch.float64)
-    assert weights.shape == (n, num_chunks)
-    ours = ops.chunk_gram(per_sample @ per_sample.T, weights)
-    chunks = torch.stack([per_sample[start:end].mean(0) for start, end in bounds])
-    expected = chunks @ chunks.T
-    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn(num_chunks, num_chunks, generator=gen, dtype=torch.float64)
-    (ours_grad,) = torch.autograd.grad((ours * upstream).sum(), per_sample)
-    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), per_sample)
-    torch.testing.assert_close(ours_grad, expected_grad, rtol=1e-12, atol=1e-12)
-
-
-def test_chunk_gram_from_outer_gram_matches_chunk_gradients_of_a_linear_layer():
-    a, b, _ = factors(8, 3, 4, 2, seed=31)
-    bounds = chunk_bounds(8, 3, 0.5)
-    weights = ops.chunk_weights(bounds, 8, torch.float64)
-    chunk_grads = torch.stack([torch.einsum("ntp,ntd->pd", b[s:e], a[s:e]).reshape(-1) / (e - s) for s, e in bounds])
-    torch.testing.assert_close(ops.chunk_gram(ops.outer_gram(a, b, "ghost"), weights), chunk_grads @ chunk_grads.T,
-                               rtol=1e-12, atol=1e-12)
-
-
-# ---------------------------------------------------------------------------------------------
 # Bad inputs.
 
 def test_outer_gram_rejects_bad_inputs():
@@ -308,23 +276,3 @@ def test_embedding_gram_rejects_bad_inputs():
         ops.embedding_gram(indices, b[:, :2])
     with pytest.raises(ValueError, match="^padding_idx"):
         ops.embedding_gram(indices, b, padding_idx=-1)
-
-
-def test_chunk_helpers_reject_bad_inputs():
-    with pytest.raises(ValueError, match=r"^bounds\[1\]"):
-        ops.chunk_weights([(0, 2), (3, 3)], 4)
-    with pytest.raises(ValueError, match=r"^bounds\[0\]"):
-        ops.chunk_weights([(5, 7)], 4)
-    with pytest.raises(ValueError, match=r"^bounds\[0\]"):
-        ops.chunk_weights([(-1, 2)], 4)
-    torch.testing.assert_close(ops.chunk_weights([(2, 9)], 4), torch.tensor([[0.0], [0.0], [0.5], [0.5]]))
-    with pytest.raises(ValueError, match="^bounds: expected at least one"):
-        ops.chunk_weights([], 4)
-    with pytest.raises(TypeError, match="^dtype"):
-        ops.chunk_weights([(0, 2)], 4, torch.long)
-    with pytest.raises(ValueError, match="^sample_gram"):
-        ops.chunk_gram(torch.randn(3, 4), torch.randn(3, 2))
-    with pytest.raises(ValueError, match="^weights: has 2 rows"):
-        ops.chunk_gram(torch.randn(3, 3), torch.randn(2, 2))
-    with pytest.raises(ValueError, match="^weights: expected a 2-d"):
-        ops.chunk_gram(torch.randn(3, 3), torch.randn(3))

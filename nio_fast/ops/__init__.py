@@ -1,11 +1,15 @@
-"""Differentiable ops behind GradCosine: the fused Gram, its cosine terms, per-tensor dots."""
+"""Differentiable ops behind GradCosine: the fused Gram, its cosine terms, per-tensor dots, the
+per-sample Grams of layer factors and their chunk reductions."""
 from .cosine import CosineTerms, gradcosine_from_gram
 from .dots import tensor_dots, tensor_dots_reference
-from .factor_gram import (OuterGramCost, chunk_gram, chunk_weights, embedding_gram, embedding_gram_reference,
-                          outer_gram, outer_gram_cost, outer_gram_reference, outer_gram_route)
+from .chunk_reduce import (ChunkWeighting, chunk_gram, chunk_gram_reference, chunk_sums, chunk_sums_reference,
+                           chunk_weights)
+from .factor_gram import (OuterGramCost, embedding_gram, embedding_gram_reference, outer_gram, outer_gram_cost,
+                          outer_gram_reference, outer_gram_route)
 from .gram import as_grad_table, gram, gram_reference
 
 __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine_from_gram",
            "tensor_dots", "tensor_dots_reference",
-           "OuterGramCost", "chunk_gram", "chunk_weights", "embedding_gram", "embedding_gram_reference",
+           "ChunkWeighting", "chunk_gram", "chunk_gram_reference", "chunk_sums", "chunk_sums_reference",
+           "chunk_weights", "OuterGramCost", "embedding_gram", "embedding_gram_reference",
            "outer_gram", "outer_gram_cost", "outer_gram_reference", "outer_gram_route"]

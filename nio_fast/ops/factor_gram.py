@@ -40,7 +40,7 @@ import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -560,57 +560,3 @@ def embedding_gram_reference(indices: torch.Tensor, output_grads: torch.Tensor,
     per_sample = rows.new_zeros((num * vocab, width)).index_add(0, slots, rows.reshape(-1, width))
     per_sample = per_sample.reshape(num, vocab * width)
     return per_sample @ per_sample.T
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunks of samples.
-
-def chunk_weights(bounds: Sequence[tuple[int, int]], num_samples: int, dtype: torch.dtype = torch.float32,
-                  device: Optional[torch.device] = None) -> torch.Tensor:
-    """``W`` [N, D] with ``W[i, k] = 1 / |chunk k|`` for ``i`` in chunk ``k`` (else 0).
-
-    Chunk ``k`` covers samples ``start <= i < min(end, N)`` (an ``end`` past N is clipped, as
-    slicing clips it: ``chunk_bounds`` overshoots with large overlaps); chunks may overlap. Chunk k's mean-loss
-    gradient is ``sum_i W[i, k] g_i``, which ``chunk_gram`` turns into their Gram.
-    """
-    if not isinstance(num_samples, int) or num_samples < 0:
-        raise ValueError(f"num_samples: expected a non-negative int, got {num_samples!r}")
-    if not dtype.is_floating_point:
-        raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
-    bounds = list(bounds)
-    if not bounds:
-        raise ValueError("bounds: expected at least one (start, end) chunk, got none")
-    weights = torch.zeros((num_samples, len(bounds)), dtype=dtype, device=device)
-    for k, bound in enumerate(bounds):
-        try:
-            start, end = (int(x) for x in bound)
-        except (TypeError, ValueError):
-            raise ValueError(f"bounds[{k}]: expected a (start, end) pair of ints, got {bound!r}") from None
-        end = min(end, num_samples)  # like slicing: chunk_bounds may overshoot N with a large overlap
-        if not 0 <= start < end:
-            raise ValueError(f"bounds[{k}]: {tuple(bound)} holds no sample of [0, {num_samples})")
-        weights[start:end, k] = 1.0 / (end - start)
-    return weights
-
-
-def chunk_gram(sample_gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``W^T G W``: the [D, D] Gram of chunk gradients from the [N, N] per-sample Gram.
-
-    When each chunk's loss is the mean of per-sample losses over its members and no layer
-    couples samples (no BatchNorm batch statistics), chunk k's gradient is
-    ``sum_i W[i, k] g_i``, so its Gram with chunk l is ``sum_{i,j} W[i,k] G[i,j] W[j,l]``.
-    Ordinary ops: differentiable w.r.t. both arguments to any order.
-    """
-    if not isinstance(sample_gram, torch.Tensor) or sample_gram.dim() != 2 or sample_gram.shape[0] != sample_gram.shape[1]:
-        shape = tuple(sample_gram.shape) if isinstance(sample_gram, torch.Tensor) else type(sample_gram).__name__
-        raise ValueError(f"sample_gram: expected a square [N, N] tensor, got {shape}")
-    if not isinstance(weights, torch.Tensor) or weights.dim() != 2:
-        shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
-        raise ValueError(f"weights: expected a 2-d [N, D] tensor, got {shape}")
-    if not sample_gram.is_floating_point():
-        raise TypeError(f"sample_gram: expected a floating-point tensor, got {sample_gram.dtype}")
-    if weights.shape[0] != sample_gram.shape[0]:
-        raise ValueError(f"weights: has {weights.shape[0]} rows but sample_gram is {sample_gram.shape[0]} x "
-                         f"{sample_gram.shape[0]}")
-    weights = weights.to(sample_gram.dtype)
-    return weights.T @ sample_gram @ weights

@@ -63,16 +63,16 @@ def per_sample_losses(outputs: Any, targets: Any, loss_fn: Callable, num: int) -
                         for i in range(num)])
 
 
-def _vector_gram(vectors: torch.Tensor, dtype: torch.dtype, weights: Optional[torch.Tensor]) -> torch.Tensor:
-    """The Gram of per-sample gradients [N, k]; with chunk ``weights`` [N, D], of the chunk
-    gradients W^T V: N x D x k + D^2 x k multiply-adds instead of N^2 x k."""
+def _vector_gram(vectors: torch.Tensor, dtype: torch.dtype, weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
+    """The Gram of per-sample gradients [N, k]; with chunk ``weights``, of the chunk gradients
+    W^T V (``ops.chunk_sums``): (N + D^2) k multiply-adds instead of N^2 k."""
     vectors = vectors.to(dtype)
     if weights is not None:
-        vectors = weights.T @ vectors
+        vectors = ops.chunk_sums(vectors, weights)
     return vectors @ vectors.T
 
 
-def _reduce(sample_gram: torch.Tensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+def _reduce(sample_gram: torch.Tensor, weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
     """A part computed per sample pair, reduced to the chunks: W^T G W (or G itself)."""
     return sample_gram if weights is None else ops.chunk_gram(sample_gram, weights)
 
@@ -191,7 +191,7 @@ def _embedding_gram(uses: _ParameterUses, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
-                  weights: Optional[torch.Tensor]) -> torch.Tensor:
+                  weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
     entries = uses.entries
 
     def compute(*flat: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     take the ``chunks`` route where it is cheaper than ghost (each chunk's gradient reduced from
     its rows, as a training step's backward does); per-sample gradients formed anyway are averaged
     into chunk gradients before their Gram (W^T V); the other routes' sample Grams are reduced as
-    W^T G W, W = ``ops.chunk_weights``. The caller has put the model in NIO's modes and checked it
+    W^T G W (``ops.chunk_sums`` and ``ops.chunk_gram``, the extension's sparse kernels). The caller has put the model in NIO's modes and checked it
     has no batch coupling (and, with chunks, that the loss of a chunk is its samples' mean).
     """
     num = num_samples(inputs)
@@ -258,7 +258,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
             if index not in unfactored:
                 by_param[index].entries.append((use, role, grad))
 
-    weights = None if chunks is None else ops.chunk_weights(chunks, num, dtype, params[0].device)
+    weights = None if chunks is None else ops.ChunkWeighting.from_bounds(chunks, num, dtype, params[0].device)
     routes: dict[int, str] = {}
     parts = []
     for index, uses in sorted(by_param.items()):
@@ -299,7 +299,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
 
 
 def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_graph: bool, dtype: torch.dtype,
-                   weights: Optional[torch.Tensor]) -> torch.Tensor:
+                   weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
     """Per-sample gradients of ``tensors`` by one backward per sample: exact for any op."""
     rows = []
     for i in range(losses.shape[0]):

@@ -1,0 +1,41 @@
+// Plain-CUDA chunk reductions over a sparse R x N matrix W in CSR form, no
+// PyTorch headers (nvcc builds chunk_reduce_cuda.cu alone).
+//
+// W is given by
+//   offsets [R + 1] int64: row r's entries are a in [offsets[r], offsets[r + 1])
+//                          (offsets[0] = 0, nondecreasing)
+//   indices [nnz] int64:   the column of entry a, in [0, N)
+//   weights [nnz]:         its value, in the data's dtype
+// all in device memory. A row may be empty, and a column may appear in several
+// rows or several times in one row. Only float32 and float64 data are handled;
+// sums run in the data's dtype. Every output element is written by one thread
+// that sums in a fixed order: deterministic, no atomics.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "dtype_code.h"
+
+namespace nio_fast {
+namespace cuda {
+
+// out [rows, rows] = W M W^T for matrix M [n, n] (row-major, row stride n):
+//   out[r, s] = sum_{a in row r} weights[a] * sum_{b in row s} weights[b] * M[indices[a], indices[b]].
+// Writes every element (zeros for empty rows). cudaErrorInvalidValue for a
+// dtype other than float32 / float64 or more rows than the grid can cover;
+// cudaSuccess without a launch when rows == 0.
+cudaError_t launch_chunk_sandwich(const void* matrix, int64_t n, const int64_t* offsets, const int64_t* indices,
+                                  const void* weights, int64_t rows, DtypeCode dtype, void* out, cudaStream_t stream);
+
+// out [rows, k] = W V for values V [N, k] (row-major, row stride k):
+//   out[r, :] = sum_{a in row r} weights[a] * V[indices[a], :].
+// Writes every element (zeros for empty rows). cudaErrorInvalidValue for a
+// dtype other than float32 / float64 or sizes beyond the grid limits;
+// cudaSuccess without a launch when rows == 0 or k == 0.
+cudaError_t launch_chunk_row_sums(const void* values, int64_t k, const int64_t* offsets, const int64_t* indices,
+                                  const void* weights, int64_t rows, DtypeCode dtype, void* out, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace nio_fast
