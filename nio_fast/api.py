@@ -102,6 +102,8 @@ def _check_sampling(sub_batches: Any, overlap: Any, mode: Any, group: Any = None
     _require(sub_batches != SAMPLES or overlap == 0,
              f"overlap: must be 0 with sub_batches='samples' (one chunk per sample), got {overlap!r}")
     _require_choice("mode", mode, MODES)
+    _require(group is None or mode != "exact_recompute",
+             "mode: 'exact_recompute' is not supported in distributed runs yet (use 'exact')")
 
 
 def _check_backend(backend: Any) -> None:
@@ -139,7 +141,9 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
         sub_batches: D >= 2 contiguous chunks, or ``"samples"``: one chunk per sample
             (sample-wise GradCosine, D = N). overlap: r in [0, 1), NIO.md step 3 (0 for samples).
         params: names or tensors to take gradients of (default: every trainable parameter).
-        mode: ``"exact"`` (whole-batch forward, one backward per chunk), ``"per_chunk"`` (each
+        mode: ``"exact"`` (whole-batch forward, one backward per chunk), ``"exact_recompute"``
+            (the same with the memory of one chunk's graph, for one more forward and D backward
+            passes: for BatchNorm models whose D chunk graphs do not fit), ``"per_chunk"`` (each
             chunk alone), ``"factors"`` (the per-sample Gram from layer inputs and output
             gradients, one backward in all; ``nio_fast.samplewise``; no batch coupling), or
             ``"auto"``: ``"exact"`` when a BatchNorm couples samples, else ``"factors"`` for

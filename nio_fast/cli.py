@@ -296,8 +296,9 @@ def _add_sampling(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> 
     parser.add_argument("--overlap", type=float, default=defaults["overlap"],
                         help="overlap r in [0, 1) between neighbouring sub-batches (default: %(default)s)")
     parser.add_argument("--mode", default=defaults["mode"],
-                        help="auto, exact (whole-batch forward), per_chunk, or factors (per-sample Gram "
-                             "from layer factors) (default: %(default)s)")
+                        help="auto, exact (whole-batch forward), exact_recompute (exact with one chunk's "
+                             "graph in memory at a time), per_chunk, or factors (per-sample Gram from layer "
+                             "factors) (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,9 @@
 
 Three ways to get the Gram of the D chunk gradients, equal whenever no layer couples samples:
 - ``"exact"``: forward the whole batch once, then one gradient per chunk loss (BatchNorm
-  statistics see all N samples, as the spec says);
+  statistics see all N samples, as the spec says); ``"exact_recompute"`` is the same with the
+  memory of one chunk's graph instead of D, for one more forward and D more backward passes
+  (``recompute.py``);
 - ``"per_chunk"``: forward each chunk on its own; each backward then walks only that chunk's
   activations instead of the whole batch's, so D gradients cost about one training step.
   Equal chunks go through ``torch.func.vmap`` over the chunks (one batched forward and
@@ -29,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .. import ops
 from .batching import call_model, chunk_bounds, num_samples, slice_rows
 from .model_state import couples_samples
+from .recompute import recomputed_exact_gram
 
 if TYPE_CHECKING:
     from ..distributed import DistributedRun
@@ -37,7 +40,7 @@ logger = logging.getLogger("nio_fast")
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
-MODES = ("auto", "exact", "per_chunk", "factors")
+MODES = ("auto", "exact", "exact_recompute", "per_chunk", "factors")
 SAMPLES = "samples"
 """``sub_batches="samples"``: one chunk per sample (D = N, overlap 0)."""
 
@@ -64,7 +67,7 @@ class GradCosineResult:
     chunks: list[tuple[int, int]]
     """The (start, end) sample range of each chunk."""
     mode: str
-    """The mode that ran: ``"exact"``, ``"per_chunk"`` or ``"factors"``."""
+    """The mode that ran: ``"exact"``, ``"exact_recompute"``, ``"per_chunk"`` or ``"factors"``."""
     routes: Optional[dict[int, str]] = None
     """``"factors"`` only: parameter index -> how its part of the Gram was computed
     (``nio_fast.samplewise``); the public API reports it by parameter name."""
@@ -233,6 +236,14 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     requested, mode = mode, resolve_mode(mode, model, sub_batches)
     if mode == "factors":
         return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph)
+    if mode == "exact_recompute":
+        if distributed is not None:
+            raise ValueError("mode: 'exact_recompute' does not run under torch.distributed yet (use 'exact')")
+        if create_graph:  # without a graph to keep, "exact" is already lean
+            gram = recomputed_exact_gram(model, inputs, targets, loss_fn, params, bounds, backend)
+            terms = ops.gradcosine_from_gram(gram)
+            return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), mode)
+        mode = "exact"
     if requested == "auto" and mode == "per_chunk" and distributed is None and _factors_replace_loop(model, bounds):
         result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
         if result is not None:
