@@ -3,7 +3,7 @@
     python benchmarks/peak_memory.py MODEL IMPLEMENTATION [D] [--batch N] [--threads T] [--width W]
 
 prints one JSON line: the resident set after building the model and the batch, the peak
-after one iteration (reference, nio_fast), training step (step), or sample-wise GradCosine
+after one iteration (reference, nio_fast, nio_fast_recompute: mode="exact_recompute"), training step (step), or sample-wise GradCosine
 with its backward (samplewise: from layer factors; vmap_samples: from per-sample gradients by
 vmap; both take D = N, see test_samplewise.py), and their difference. A
 fresh process per measurement: the high-water mark only ever grows, so nothing else may have
@@ -24,7 +24,7 @@ import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 import torch  # noqa: E402
 
 from networks import images, make  # noqa: E402
-from test_iteration import nio_fast_iteration, reference_iteration, training_step  # noqa: E402
+from test_iteration import IMPLEMENTATIONS, training_step  # noqa: E402
 from test_samplewise import samplewise_evaluation, vmap_samples_evaluation  # noqa: E402
 
 SAMPLEWISE = {"samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation}
@@ -43,7 +43,7 @@ def peak_resident_mb() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("model")
-    parser.add_argument("implementation", choices=("step", "reference", "nio_fast", *SAMPLEWISE))
+    parser.add_argument("implementation", choices=("step", *IMPLEMENTATIONS, *SAMPLEWISE))
     parser.add_argument("sub_batches", type=int, nargs="?", default=2,
                         help="D for reference and nio_fast (ignored by the others)")
     parser.add_argument("--batch", type=int, default=64)
@@ -65,10 +65,8 @@ def main() -> None:
         training_step(model, batch)
     elif args.implementation in SAMPLEWISE:
         SAMPLEWISE[args.implementation](model, batch)
-    elif args.implementation == "reference":
-        reference_iteration(model, batch, args.sub_batches)
     else:
-        nio_fast_iteration(model, batch, args.sub_batches)
+        IMPLEMENTATIONS[args.implementation](model, batch, args.sub_batches)
     peak = peak_resident_mb()
     print(json.dumps({"baseline_mb": baseline, "peak_mb": peak, "extra_mb": peak - baseline}))
 

@@ -19,11 +19,13 @@ def _iteration_rows(rows: list[dict]) -> list[dict]:
     for (model, batch, d), times in sorted(timed.items()):
         reference, fast = times.get("reference"), times.get("nio_fast")
         one_step = step.get((model, batch))
+        recompute = times.get("nio_fast_recompute")
         table.append({
             "model": model, "N": batch, "D": d, "step s": one_step, "reference s": reference, "nio_fast s": fast,
             "speed-up": reference / fast if reference and fast else None,
             "reference / step": reference / one_step if reference and one_step else None,
             "nio_fast / step": fast / one_step if fast and one_step else None,
+            "exact_recompute / reference": recompute / reference if recompute and reference else None,
         })
     return table
 
@@ -70,10 +72,13 @@ def _memory_rows(rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["implementation"] != "step":
             grouped[(r["model"], r["D"])][r["implementation"]] = r["extra_mb"]
+    def ratio(m, implementation):
+        return m[implementation] / m["reference"] if m.get(implementation) and m.get("reference") else None
+
     return [{"model": model, "D": d, "step MB": step.get(model), "reference MB": m.get("reference"),
-             "nio_fast MB": m.get("nio_fast"),
-             "nio_fast / reference": m["nio_fast"] / m["reference"] if m.get("nio_fast") and m.get("reference")
-             else None}
+             "nio_fast MB": m.get("nio_fast"), "nio_fast / reference": ratio(m, "nio_fast"),
+             "exact_recompute MB": m.get("nio_fast_recompute"),
+             "exact_recompute / reference": ratio(m, "nio_fast_recompute")}
             for (model, d), m in sorted(grouped.items())]
 
 
@@ -263,12 +268,16 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
     if table:  # (training steps alone make no rows)
         write_results("iteration", table, list(table[0]), "Seconds per NIO iteration (medians)",
                       notes="speed-up = reference / nio_fast; '/ step' = in units of one training step "
-                            "(forward + backward) on the same batch.\n\n" + _growth_notes(table))
+                            "(forward + backward) on the same batch; exact_recompute: nio_fast with "
+                            "mode='exact_recompute' (BatchNorm, one chunk graph in memory at a time), its time "
+                            "over the reference's.\n\n" + _growth_notes(table))
         _plot_iteration(table)
     table = _memory_rows(tables.get("memory", []))
     if table:
         write_results("memory", table, list(table[0]), "Peak resident memory of one iteration, fresh process (MB "
-                      "above the process with model and batch built; CPU, 1 thread)")
+                      "above the process with model and batch built; CPU, 1 thread)",
+                      notes="nio_fast runs mode='auto' (exact on the BatchNorm ResNet-20); exact_recompute: "
+                            "mode='exact_recompute', the same values with one chunk graph in memory at a time.")
     if tables.get("gram"):
         table = _gram_rows(tables["gram"])
         write_results("gram", table, list(table[0]), "Seconds of nio_fast.ops.gram (medians) on "

@@ -17,6 +17,7 @@ BATCH = 64
 D_SWEEP = (2, 4, 8, 16)
 CASES = [(model, BATCH, d) for model in ("resnet20_gn", "resnet20_bn", "vit_small") for d in D_SWEEP]
 CASES += [("resnet20_gn", 16, 16), ("resnet20_gn", 128, 4)]  # per-sample (D = N), and a larger batch
+RECOMPUTE_CASES = [("resnet20_bn", BATCH, d) for d in (2, 8)]  # the memory-lean exact mode
 STEP_CASES = sorted({(model, batch) for model, batch, _ in CASES})
 ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 8 minutes on 2 quiet cores
 
@@ -34,8 +35,17 @@ def reference_iteration(model, batch, sub_batches):
                   sub_batches=sub_batches)
 
 
-def nio_fast_iteration(model, batch, sub_batches):
-    nio_fast.initialize(model, batch, iters=1, sub_batches=sub_batches, progress=False)
+def nio_fast_iteration(model, batch, sub_batches, mode="auto"):
+    nio_fast.initialize(model, batch, iters=1, sub_batches=sub_batches, progress=False, mode=mode)
+
+
+def recompute_iteration(model, batch, sub_batches):
+    """mode="exact_recompute": exact semantics, one chunk graph in memory at a time."""
+    nio_fast_iteration(model, batch, sub_batches, mode="exact_recompute")
+
+
+IMPLEMENTATIONS = {"reference": reference_iteration, "nio_fast": nio_fast_iteration,
+                   "nio_fast_recompute": recompute_iteration}
 
 
 @pytest.mark.parametrize("model_name,batch_size", STEP_CASES)
@@ -47,11 +57,12 @@ def test_training_step(benchmark, record, model_name, batch_size):
            seconds=benchmark.stats.stats.median)
 
 
-@pytest.mark.parametrize("implementation", ("reference", "nio_fast"))
-@pytest.mark.parametrize("model_name,batch_size,sub_batches", CASES)
+@pytest.mark.parametrize("model_name,batch_size,sub_batches,implementation",
+                         [(*case, implementation) for case in CASES for implementation in ("reference", "nio_fast")]
+                         + [(*case, "nio_fast_recompute") for case in RECOMPUTE_CASES])
 def test_iteration(benchmark, record, model_name, batch_size, sub_batches, implementation):
     batch, model = images(batch_size), make(model_name)
-    iteration = reference_iteration if implementation == "reference" else nio_fast_iteration
+    iteration = IMPLEMENTATIONS[implementation]
     run = lambda: iteration(model, batch, sub_batches)  # noqa: E731
     benchmark.group = f"{model_name} N={batch_size} D={sub_batches}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)

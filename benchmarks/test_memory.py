@@ -12,8 +12,9 @@ SCRIPT = Path(__file__).resolve().parent / "peak_memory.py"
 CASES = [(model, d) for model in ("resnet20_gn", "resnet20_bn", "vit_small") for d in (2, 8)]
 
 
-@pytest.mark.parametrize("implementation", ("step", "reference", "nio_fast"))
-@pytest.mark.parametrize("model_name,sub_batches", CASES)
+@pytest.mark.parametrize("model_name,sub_batches,implementation",
+                         [(*case, implementation) for case in CASES for implementation in ("step", "reference", "nio_fast")]
+                         + [("resnet20_bn", d, "nio_fast_recompute") for d in (2, 8)])
 def test_peak_memory(record, model_name, sub_batches, implementation):
     if implementation == "step" and sub_batches != CASES[0][1]:
         pytest.skip("a training step does not depend on D")
