@@ -103,57 +103,59 @@ void row_sums_cpu(const T* values, int64_t k, const SparseRows& rows, const T* w
   });
 }
 
-}  // namespace
-
-at::Tensor chunk_sandwich(const at::Tensor& matrix, const at::Tensor& offsets, const at::Tensor& indices,
-                          const at::Tensor& weights) {
-  constexpr const char* fn = "chunk_sandwich";
+// Checks, then the CUDA kernel (CUDA builds) or `cpu_kernel(data, row_length, rows, weights, out)`
+// into a fresh [R, out_columns] tensor.
+template <typename CudaOp, typename CpuKernel>
+at::Tensor run(const char* fn, const at::Tensor& data, const at::Tensor& offsets, const at::Tensor& indices,
+               const at::Tensor& weights, int64_t out_columns, CudaOp cuda_op, CpuKernel cpu_kernel) {
   c10::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(matrix.dim() == 2 && matrix.size(0) == matrix.size(1), fn,
-                    ": matrix must be square [N, N], got ", matrix.sizes());
-  check_rows(fn, matrix, offsets, indices, weights);
+  check_rows(fn, data, offsets, indices, weights);
 #ifdef NIO_FAST_WITH_CUDA
-  if (matrix.is_cuda()) return chunk_sandwich_cuda(matrix.contiguous(), offsets.contiguous(), indices.contiguous(),
-                                                   weights.contiguous());
+  if (data.is_cuda()) return cuda_op(data.contiguous(), offsets.contiguous(), indices.contiguous(), weights.contiguous());
+#else
+  (void)cuda_op;
 #endif
-  TORCH_CHECK(matrix.is_cpu(), fn, ": tensors on ", matrix.device(), " are not supported (CPU",
+  TORCH_CHECK(data.is_cpu(), fn, ": tensors on ", data.device(), " are not supported (CPU",
 #ifdef NIO_FAST_WITH_CUDA
               " and CUDA",
 #endif
               " only)");
-  const SparseRows rows = host_rows(fn, offsets, indices, matrix.size(0));
-  const int64_t num_rows = offsets.numel() - 1;
-  const at::Tensor m = matrix.contiguous(), w = weights.contiguous();
-  at::Tensor out = at::empty({num_rows, num_rows}, matrix.options());
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), fn, [&] {
-    sandwich_cpu<scalar_t>(m.data_ptr<scalar_t>(), m.size(0), rows, w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  const SparseRows rows = host_rows(fn, offsets, indices, data.size(0));
+  const at::Tensor d = data.contiguous(), w = weights.contiguous();
+  at::Tensor out = at::empty({offsets.numel() - 1, out_columns}, data.options());
+  AT_DISPATCH_FLOATING_TYPES(d.scalar_type(), "chunk_reduce", [&] {  // dtype checked above
+    cpu_kernel(d.data_ptr<scalar_t>(), d.size(1), rows, w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
   });
   return out;
 }
 
+#ifdef NIO_FAST_WITH_CUDA
+#define NIO_FAST_CUDA_OP(op) op
+#else
+#define NIO_FAST_CUDA_OP(op) nullptr
+#endif
+
+}  // namespace
+
+at::Tensor chunk_sandwich(const at::Tensor& matrix, const at::Tensor& offsets, const at::Tensor& indices,
+                          const at::Tensor& weights) {
+  TORCH_CHECK_VALUE(matrix.dim() == 2 && matrix.size(0) == matrix.size(1),
+                    "chunk_sandwich: matrix must be square [N, N], got ", matrix.sizes());
+  return run("chunk_sandwich", matrix, offsets, indices, weights, offsets.numel() - 1,
+             NIO_FAST_CUDA_OP(chunk_sandwich_cuda),
+             [](const auto* m, int64_t n, const SparseRows& rows, const auto* w, auto* out) {
+               sandwich_cpu(m, n, rows, w, out);
+             });
+}
+
 at::Tensor chunk_row_sums(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& indices,
                           const at::Tensor& weights) {
-  constexpr const char* fn = "chunk_row_sums";
-  c10::NoGradGuard no_grad;
-  TORCH_CHECK_VALUE(values.dim() == 2, fn, ": values must be 2-d [N, K], got ", values.sizes());
-  check_rows(fn, values, offsets, indices, weights);
-#ifdef NIO_FAST_WITH_CUDA
-  if (values.is_cuda()) return chunk_row_sums_cuda(values.contiguous(), offsets.contiguous(), indices.contiguous(),
-                                                   weights.contiguous());
-#endif
-  TORCH_CHECK(values.is_cpu(), fn, ": tensors on ", values.device(), " are not supported (CPU",
-#ifdef NIO_FAST_WITH_CUDA
-              " and CUDA",
-#endif
-              " only)");
-  const SparseRows rows = host_rows(fn, offsets, indices, values.size(0));
-  const int64_t num_rows = offsets.numel() - 1;
-  const at::Tensor v = values.contiguous(), w = weights.contiguous();
-  at::Tensor out = at::empty({num_rows, values.size(1)}, values.options());
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), fn, [&] {
-    row_sums_cpu<scalar_t>(v.data_ptr<scalar_t>(), v.size(1), rows, w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
-  });
-  return out;
+  TORCH_CHECK_VALUE(values.dim() == 2, "chunk_row_sums: values must be 2-d [N, K], got ", values.sizes());
+  return run("chunk_row_sums", values, offsets, indices, weights, values.size(1),
+             NIO_FAST_CUDA_OP(chunk_row_sums_cuda),
+             [](const auto* v, int64_t k, const SparseRows& rows, const auto* w, auto* out) {
+               row_sums_cpu(v, k, rows, w, out);
+             });
 }
 
 }  // namespace nio_fast
