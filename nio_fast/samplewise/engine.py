@@ -224,9 +224,10 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     gradients (each the mean of its samples' gradients) instead: linear and convolution weights
     take the ``chunks`` route where it is cheaper than ghost (each chunk's gradient reduced from
     its rows, as a training step's backward does); per-sample gradients formed anyway are averaged
-    into chunk gradients before their Gram (W^T V); the other routes' sample Grams are reduced as
-    W^T G W (``ops.chunk_sums`` and ``ops.chunk_gram``, the extension's sparse kernels). The caller has put the model in NIO's modes and checked it
-    has no batch coupling (and, with chunks, that the loss of a chunk is its samples' mean).
+    into chunk gradients before their Gram (W^T V, ``ops.chunk_sums``); the other routes' sample
+    Grams are reduced as W^T G W (``ops.chunk_gram``). The caller has put the model in NIO's
+    modes and checked it has no batch coupling (and, with chunks, that the loss of a chunk is
+    its samples' mean).
     """
     num = num_samples(inputs)
     recorder = FactorRecorder(params, num)

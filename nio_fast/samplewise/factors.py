@@ -1,6 +1,6 @@
 """Per-sample gradients of one recorded use, from its input and its output gradient.
 
-Two forms (shared/spec/GHOST.md):
+Three forms (shared/spec/GHOST.md):
 - *outer factors* ``(A [N, T, d], B [N, T, p])`` for the weight of a linear layer or an
   ungrouped convolution: sample i's gradient is ``sum_t B[i, t] A[i, t]^T``, for the ghost
   route (and linear layers' materialising route) of ``nio_fast.ops.outer_gram``;
