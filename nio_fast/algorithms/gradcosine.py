@@ -10,8 +10,9 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
   Equal chunks go through ``torch.func.vmap`` over the chunks (one batched forward and
   backward instead of D small ones); a model vmap cannot run falls back to a loop over chunks;
 - ``"factors"``: the per-sample Gram from layer factors (``nio_fast.samplewise``: one
-  forward, one backward), reduced to the chunks' Gram by their averaging weights. No chunk
-  gradient is ever formed; it is how ``sub_batches="samples"`` (D = N) runs by default, and
+  forward, one backward), reduced to the chunks' Gram by their averaging weights, or, for
+  linear and convolution weights where cheaper, their chunk gradients reduced straight from
+  the chunks' rows. It is how ``sub_batches="samples"`` (D = N) runs by default, and
   what ``"auto"`` takes instead of the per_chunk LOOP (not instead of vmap) when every
   parameter has a factor rule and the chunk loss is the mean of its samples' losses.
 """
