@@ -101,7 +101,8 @@ def test_both_outer_routes_are_exact(forced, monkeypatch):
 
 @pytest.mark.parametrize("chunk_sums", [True, False], ids=["chunk-sums", "sample-grams"])
 @pytest.mark.parametrize("sub_batches,overlap", [(2, 0.0), (3, 0.3), (4, 0.0), (5, 0.5)])
-@pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer"])
+@pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer", "token_transformer_seq_first",
+                                  "reused_and_unknown"])
 def test_factor_mode_chunk_grams_equal_the_sub_batch_reference(monkeypatch, name, sub_batches, overlap, chunk_sums):
     # chunk sums: linear / conv weights reduced per chunk; else every part through W^T G W or W^T V
     monkeypatch.setattr(engine, "_chunks_beat_ghost", lambda *args: chunk_sums)
