@@ -57,6 +57,19 @@ def test_init_saves_a_rescaled_state_dict_and_the_report(tmp_path):
         torch.testing.assert_close(tensor, fresh[name] * report["scales"][name], rtol=1e-4, atol=1e-6)
 
 
+def test_init_exact_recompute_takes_the_steps_of_exact(tmp_path):
+    scales = {}
+    for mode in ("exact", "exact_recompute"):
+        out = tmp_path / f"{mode}.pt"
+        assert main(["init", *TINY_MLP, "--data", "digits", "--out", str(out), "--iters", "2", "--batch-size", "24",
+                     "--mode", mode, "--seed", "0", "--no-progress"]) == 0
+        report = json.loads(out.with_suffix(".json").read_text())
+        assert report["settings"]["mode"] == mode
+        scales[mode] = report["scales"]
+    for name, value in scales["exact"].items():
+        assert abs(scales["exact_recompute"][name] - value) <= 1e-5 * max(1.0, abs(value)), name
+
+
 def test_init_gradinit(tmp_path):
     out = tmp_path / "g.pt"
     done = run_cli("init", *TINY_MLP, "--data", "digits", "--out", out, "--method", "gradinit",
