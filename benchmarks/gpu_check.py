@@ -14,7 +14,9 @@ Steps, in order, each recorded whatever the others do:
    bytes read once (D x m x element size) per second; backward, those bytes read and as many
    written. As a fraction of the copy bandwidth (target: 0.8). The same inputs are checked
    against an fp64 reference first: a kernel that is fast and wrong fails here;
-4. gram: ``pytest benchmarks/test_gram.py --benchmark-only`` (tables gram, gram_memory);
+4. gram: ``pytest benchmarks/test_gram.py --benchmark-only`` (tables gram, gram_memory), then
+   chunk_reduce: ``pytest benchmarks/test_chunk_reduce.py`` (the sparse chunk reductions against
+   their dense twin, table chunk_reduce);
 5. torchvision: a NIO iteration on torchvision ResNet-18/50 on the GPU (GPU-only cases; noted
    and skipped where torchvision is missing);
 6. iteration: ``pytest benchmarks/test_iteration.py --benchmark-only`` (its models run on CPU);
@@ -62,7 +64,7 @@ for _path in (str(ROOT), str(BENCHMARKS)):
 
 import torch  # noqa: E402  (nio_fast is imported after the build step, which may create _C)
 
-STEPS = ("build", "tests", "bandwidth", "gram", "torchvision", "iteration", "samplewise")
+STEPS = ("build", "tests", "bandwidth", "gram", "chunk_reduce", "torchvision", "iteration", "samplewise")
 CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py",
                           "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
                           "tests/test_chunk_reduce.py")
@@ -422,6 +424,12 @@ def step_gram(report, args, log, deadline) -> str:
     return run_benchmark_file(report, args, log, deadline, "benchmarks/test_gram.py", [], ("gram", "gram_memory"))
 
 
+def step_chunk_reduce(report, args, log, deadline) -> str:
+    quick = {"NIO_FAST_BENCH_QUICK": "1"} if args.dry_run else {}
+    return run_benchmark_file(report, args, log, deadline, "benchmarks/test_chunk_reduce.py", [], ("chunk_reduce",),
+                              **quick)
+
+
 def step_iteration(report, args, log, deadline) -> str:
     extra = ["-k", DRY_RUN_ITERATION_SELECTION] if args.dry_run else []
     return run_benchmark_file(report, args, log, deadline, "benchmarks/test_iteration.py", extra, ("iteration",))
@@ -598,7 +606,8 @@ def render_markdown(report: dict) -> str:
             "backward / copy": r["backward_fraction"], "Gram error": r["gram_error"],
             "backward error": r["backward_error"], "correct": r["correct"]} for r in bandwidth["rows"]])
     for table, title in (("gram", "Gram benchmarks (benchmarks/test_gram.py)"),
-                         ("gram_memory", "Gram extra memory (benchmarks/test_gram.py)")):
+                         ("gram_memory", "Gram extra memory (benchmarks/test_gram.py)"),
+                         ("chunk_reduce", "Chunk reductions (benchmarks/test_chunk_reduce.py)")):
         if table in report:
             lines += ["", f"## {title}", ""] + markdown_table(report[table])
     torchvision = report.get("torchvision")
@@ -668,7 +677,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_status(report)
 
     steps = {"build": step_build, "tests": step_tests, "bandwidth": step_bandwidth, "gram": step_gram,
-             "torchvision": step_torchvision, "iteration": step_iteration, "samplewise": step_samplewise}
+             "chunk_reduce": step_chunk_reduce, "torchvision": step_torchvision, "iteration": step_iteration,
+             "samplewise": step_samplewise}
     for name in STEPS:
         if name != "build" and "backends" not in report:  # after the build, which may create _C
             try:

@@ -85,6 +85,18 @@ def _memory_rows(rows: list[dict]) -> list[dict]:
 GRAM_BACKEND_ORDER = {"torch": 0, "triton": 1, "cpp": 2}
 
 
+def _chunk_reduce_rows(rows: list[dict]) -> list[dict]:
+    """One row per timing, with the dense twin's median of the same case beside it."""
+    def case(r):
+        return r["op"], r["N"], r["D"], r["K"], r["overlap"], r["device"], r["direction"]
+
+    dense = {case(r): r["seconds"] for r in rows if r["backend"] == "torch"}
+    return [{"op": r["op"], "N": r["N"], "D": r["D"], "K": r["K"], "overlap": r["overlap"], "device": r["device"],
+             "direction": r["direction"], "backend": r["backend"], "median s": r["seconds"],
+             "torch / backend": dense[case(r)] / r["seconds"] if dense.get(case(r)) and r["seconds"] else None}
+            for r in sorted(rows, key=lambda r: (case(r), GRAM_BACKEND_ORDER.get(r["backend"], 9)))]
+
+
 def _gram_rows(rows: list[dict]) -> list[dict]:
     """One row per timing, with the reference's median of the same case beside it."""
     def case(r):
@@ -286,6 +298,14 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
         table = _gram_memory_rows(tables["gram_memory"])
         write_results("gram_memory", table, list(table[0]), "Extra memory of nio_fast.ops.gram",
                       notes=GRAM_MEMORY_NOTES)
+    if tables.get("chunk_reduce"):
+        table = _chunk_reduce_rows(tables["chunk_reduce"])
+        write_results("chunk_reduce", table, list(table[0]), "Chunk reductions: the dense twin against the sparse "
+                      "kernels (medians of 5)",
+                      notes="chunk_gram: W^T G W for a [N, N] sample Gram; chunk_sums: W^T V for [N, K] per-sample "
+                            "gradients; W [N, D] the chunks' averaging weights (overlap 0.5: twice the nonzeros). "
+                            "torch: dense matmuls; cpp: the extension's sparse kernels. forward+backward: the "
+                            "gradient with respect to G or V as well.")
     if tables.get("samplewise") or tables.get("samplewise_memory"):
         table = _samplewise_rows(tables.get("samplewise", []), tables.get("samplewise_memory", []))
         memory_rows = tables.get("samplewise_memory", [])
@@ -298,5 +318,6 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
         if any(r["step s"] or r["sample-wise s"] or r["vmap s"] for r in table):
             _plot_samplewise(table)
     for name, rows in tables.items():
-        if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory") and rows:
+        if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory",
+                        "chunk_reduce") and rows:
             write_results(name, rows, list(rows[0]), name)

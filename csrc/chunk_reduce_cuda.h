@@ -1,5 +1,6 @@
-// Plain-CUDA chunk reductions over a sparse R x N matrix W in CSR form, no
-// PyTorch headers (nvcc builds chunk_reduce_cuda.cu alone).
+// Plain-CUDA chunk row sums W V over a sparse R x N matrix W in CSR form, no
+// PyTorch headers (nvcc builds chunk_reduce_cuda.cu alone). The sandwich
+// W M W^T is two of them (chunk_reduce.cpp).
 //
 // W is given by
 //   offsets [R + 1] int64: row r's entries are a in [offsets[r], offsets[r + 1])
@@ -20,14 +21,6 @@
 
 namespace nio_fast {
 namespace cuda {
-
-// out [rows, rows] = W M W^T for matrix M [n, n] (row-major, row stride n):
-//   out[r, s] = sum_{a in row r} weights[a] * sum_{b in row s} weights[b] * M[indices[a], indices[b]].
-// Writes every element (zeros for empty rows). cudaErrorInvalidValue for a
-// dtype other than float32 / float64 or more rows than the grid can cover;
-// cudaSuccess without a launch when rows == 0.
-cudaError_t launch_chunk_sandwich(const void* matrix, int64_t n, const int64_t* offsets, const int64_t* indices,
-                                  const void* weights, int64_t rows, DtypeCode dtype, void* out, cudaStream_t stream);
 
 // out [rows, k] = W V for values V [N, k] (row-major, row stride k):
 //   out[r, :] = sum_{a in row r} weights[a] * V[indices[a], :].

@@ -28,21 +28,6 @@ void check_launch(cudaError_t status, const char* fn) {
 
 }  // namespace
 
-at::Tensor chunk_sandwich_cuda(const at::Tensor& matrix, const at::Tensor& offsets, const at::Tensor& indices,
-                               const at::Tensor& weights) {
-  constexpr const char* fn = "chunk_sandwich";
-  const c10::cuda::CUDAGuard device_guard(matrix.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int64_t rows = offsets.numel() - 1;
-  // Every element is written by the kernel (zeros for empty rows): no fill needed.
-  at::Tensor out = at::empty({rows, rows}, matrix.options());
-  check_launch(cuda::launch_chunk_sandwich(matrix.const_data_ptr(), matrix.size(1), offsets.const_data_ptr<int64_t>(),
-                                           indices.const_data_ptr<int64_t>(), weights.const_data_ptr(), rows,
-                                           chunk_dtype_code(matrix, fn), out.mutable_data_ptr(), stream),
-               fn);
-  return out;
-}
-
 at::Tensor chunk_row_sums_cuda(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& indices,
                                const at::Tensor& weights) {
   constexpr const char* fn = "chunk_row_sums";

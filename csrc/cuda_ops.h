@@ -14,10 +14,8 @@ at::Tensor gram_forward_cuda(const WalkableGradients& grads);
 GradientList gram_backward_cuda(const WalkableGradients& grads, const GradientList& original, const at::Tensor& S);
 at::Tensor tensor_dots_cuda(const TensorPairs& pairs);
 
-// Chunk reductions (chunk_reduce_cuda_binding.cpp). The caller checks shapes, dtypes (float32 /
+// Chunk row sums (chunk_reduce_cuda_binding.cpp). The caller checks shapes, dtypes (float32 /
 // float64) and devices and passes contiguous tensors; the rows' contents are not checked here.
-at::Tensor chunk_sandwich_cuda(const at::Tensor& matrix, const at::Tensor& offsets, const at::Tensor& indices,
-                               const at::Tensor& weights);
 at::Tensor chunk_row_sums_cuda(const at::Tensor& values, const at::Tensor& offsets, const at::Tensor& indices,
                                const at::Tensor& weights);
 

@@ -112,6 +112,9 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
         (backend, direction) for backend in ("torch", "cpp") for direction in ("forward", "forward+backward")}
     assert all(r["median s"] > 0 for r in written["gram"])
     assert {r["backend"] for r in written["gram_memory"]} >= {"torch", "cpp"}
+    assert {(r["op"], r["backend"]) for r in written["chunk_reduce"]} >= {
+        (op, backend) for op in ("chunk_gram", "chunk_sums") for backend in ("torch", "cpp")}
+    assert all(r["median s"] > 0 and r["torch / backend"] > 0 for r in written["chunk_reduce"])
     assert written["torchvision"]["rows"] and written["torchvision"]["rows"][0]["nio_fast s"] > 0
     assert written["iteration"] and written["iteration"][0]["step s"] > 0
     samplewise = {r["N"]: r for r in written["samplewise"] if r["model"] == "vit_small"}

@@ -144,11 +144,26 @@ def test_auto_takes_the_extension_on_cpu_and_weights_that_require_grad_take_the_
 
 
 @pytest.mark.skipif("cpp" not in FUSED, reason="needs the extension")
+def test_auto_keeps_small_chunk_grams_on_the_dense_twin(monkeypatch):
+    calls = []
+    original = chunk_reduce._ChunkReduce.apply
+    monkeypatch.setattr(chunk_reduce._ChunkReduce, "apply", lambda *args: calls.append(args[1]) or original(*args))
+    for num, fused in ((64, False), (600, True)):
+        gram = torch.randn(num, num)
+        weighting = ops.ChunkWeighting.from_bounds(chunk_bounds(num, 4, 0.0), num)
+        torch.testing.assert_close(ops.chunk_gram(gram, weighting), ops.chunk_gram_reference(gram, weighting.dense),
+                                   rtol=1e-5, atol=1e-4)
+        assert (calls[-1:] == ["chunk_sandwich"]) == fused
+        ops.chunk_sums(torch.randn(num, 3), weighting)  # the row sums always take the kernel
+        assert calls[-1] == "chunk_row_sums"
+
+
+@pytest.mark.skipif("cpp" not in FUSED, reason="needs the extension")
 def test_extension_rejects_malformed_rows():
     from nio_fast import _C
     gram = torch.randn(3, 3)
     weights = torch.ones(2)
-    with pytest.raises(ValueError, match="chunk_sandwich: index 3 is outside"):
+    with pytest.raises(ValueError, match="index 3 is outside"):
         _C.chunk_sandwich(gram, torch.tensor([0, 2]), torch.tensor([0, 3]), weights)
     with pytest.raises(ValueError, match="offsets must run from 0"):
         _C.chunk_sandwich(gram, torch.tensor([0, 1]), torch.tensor([0, 1]), weights)

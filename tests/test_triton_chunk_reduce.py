@@ -38,8 +38,7 @@ DTYPE_IDS = ["fp32", "fp64"]
 
 # Rows of W as lists of column indices. "small" (N = 7): rows 0 and 2 share column 2, row 1 is
 # empty, row 2 holds column 2 twice. "odd" (N = 33): five rows, overlapping, with repeats inside
-# rows 0 and 4, an empty row and a row of one entry; row 4 (41 entries) is longer than the
-# sandwich kernel's 32-entry gather step.
+# rows 0 and 4, an empty row and a row of one entry; row 4 has 41 entries.
 SMALL = (7, [[0, 2, 5], [], [2, 6, 2, 1]])
 ODD = (33, [[3, 17, 3, 30, 8, 12, 0, 32, 21, 17, 5], [], [17, 8, 9], [32], list(range(1, 33)) + list(range(0, 33, 4))])
 
@@ -209,13 +208,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                        "BLOCK_K": "constexpr"},
             constexprs={"BLOCK_K": cr._ROW_SUMS_BLOCK_K},
         )
-        sandwich = ASTSource(
-            fn=cr._chunk_sandwich_kernel,
-            signature={"matrix_ptr": pointer, **common, "R": "i32", "stride_mr": "i32", "stride_mc": "i32",
-                       "BLOCK_S": "constexpr", "BLOCK_J": "constexpr"},
-            constexprs={"BLOCK_S": cr._SANDWICH_BLOCK_S, "BLOCK_J": cr._SANDWICH_BLOCK_J},
-        )
-        for name, source in (("row_sums", row_sums), ("sandwich", sandwich)):
+        for name, source in (("row_sums", row_sums),):
             kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": cr._NUM_WARPS})
             usage = ""
             cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -233,7 +226,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(CUDA, reason="on CUDA the kernels are compiled by the tests above")
 def test_kernels_compile_for_hopper():
-    """Without a GPU, still compile both kernels for sm_90 (the interpreter checks none of the GPU rules)."""
+    """Without a GPU, still compile the kernel for sm_90 (the interpreter checks none of the GPU rules)."""
     environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=environment, capture_output=True,

@@ -6,10 +6,8 @@ offsets[0] = 0, nondecreasing), ``indices`` (int64 [nnz], the column of each ent
 several rows, or several times in one row.
 
 * ``chunk_sandwich(M, ...)`` = W M W^T [R, R] for M [N, N]:
-  ``out[r, s] = sum_{a in row r} w_a sum_{b in row s} w_b M[i_a, i_b]``. Program (r, block of
-  BLOCK_S columns s) walks row r's entries one at a time; for each it gathers
-  ``M[i_a, i_b]`` over a [BLOCK_S, BLOCK_J] tile of the column rows' entries (row s's j-th
-  entry at [s, j]; rows shorter than the longest in the block are masked) and reduces along j.
+  ``out[r, s] = sum_{a in row r} w_a sum_{b in row s} w_b M[i_a, i_b]``, as two row sums
+  (``L = W M``, then ``(W L^T)^T``).
 * ``chunk_row_sums(V, ...)`` = W V [R, K] for V [N, K]: ``out[r, :] = sum_{a in row r} w_a V[i_a, :]``.
   Program (r, block of BLOCK_K columns) walks row r's entries one at a time (scalar index and
   weight loads) and adds the weighted row slice.
@@ -36,11 +34,8 @@ SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
 # Block sizes (powers of two) and warps. Not timed on a GPU yet (none was available when written).
 # Row sums: BLOCK_K contiguous columns per program (long, coalesced row reads); narrower V
-# shrinks it. Sandwich: a [BLOCK_S, BLOCK_J] gather tile; R is small, so BLOCK_S covers up to 16
-# output columns and BLOCK_J up to 32 entries of each column's row per step.
+# shrinks it.
 _ROW_SUMS_BLOCK_K = 512
-_SANDWICH_BLOCK_S = 16
-_SANDWICH_BLOCK_J = 32
 _NUM_WARPS = 4
 
 
@@ -67,46 +62,6 @@ def _chunk_row_sums_kernel(
         row = tl.load(values_ptr + index * stride_vn + cols * stride_vk, mask=cols_ok, other=0.0)
         acc += weight * row
     tl.store(out_ptr + r * K + cols, acc, mask=cols_ok)
-
-
-@triton.jit
-def _chunk_sandwich_kernel(
-    matrix_ptr,  # [N, N], any strides
-    offsets_ptr,  # int64 [R + 1]
-    indices_ptr,  # int64 [nnz]
-    weights_ptr,  # [nnz], the matrix's dtype
-    out_ptr,  # [R, R] contiguous, the matrix's dtype
-    R,
-    stride_mr, stride_mc,
-    BLOCK_S: tl.constexpr,
-    BLOCK_J: tl.constexpr,
-):
-    r = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    s_ok = s < R
-    # Row s's entries; columns past R count as empty rows.
-    s_begin = tl.load(offsets_ptr + s, mask=s_ok, other=0)
-    s_end = tl.load(offsets_ptr + s + 1, mask=s_ok, other=0)
-    s_len = s_end - s_begin
-    longest = tl.max(s_len, axis=0)
-    j_lanes = tl.arange(0, BLOCK_J)
-    r_begin = tl.load(offsets_ptr + r)
-    r_end = tl.load(offsets_ptr + r + 1)
-    acc = tl.zeros([BLOCK_S], dtype=out_ptr.dtype.element_ty)
-    for a in range(r_begin, r_end):
-        # inner[s] = sum_{b in row s} w_b M[i_a, i_b], then weighted by entry a.
-        matrix_row = matrix_ptr + tl.load(indices_ptr + a) * stride_mr
-        inner = tl.zeros([BLOCK_S], dtype=out_ptr.dtype.element_ty)
-        for j0 in range(0, longest, BLOCK_J):
-            j = j0 + j_lanes
-            ok = j[None, :] < s_len[:, None]
-            b = s_begin[:, None] + j[None, :]
-            index = tl.load(indices_ptr + b, mask=ok, other=0)
-            weight = tl.load(weights_ptr + b, mask=ok, other=0.0)
-            m = tl.load(matrix_row + index * stride_mc, mask=ok, other=0.0)
-            inner += tl.sum(weight * m, axis=1)
-        acc += tl.load(weights_ptr + a) * inner
-    tl.store(out_ptr + r * R + s, acc, mask=s_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,20 +93,14 @@ def _check(fn: str, data: torch.Tensor, offsets: torch.Tensor, indices: torch.Te
 
 def chunk_sandwich(matrix: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,
                    weights: torch.Tensor) -> torch.Tensor:
-    """``W M W^T`` [R, R] (the matrix's dtype) of ``matrix`` M [N, N] and the CSR rows of W."""
+    """``W M W^T`` [R, R] (the matrix's dtype) of ``matrix`` M [N, N] and the CSR rows of W, as two
+    row reductions: ``L = W M`` [R, N], then ``(W L^T)^T`` (L^T read through its strides):
+    nnz (N + R) multiply-adds over whole rows, where pairing entries costs nnz^2 gathers."""
     if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"chunk_sandwich: matrix must be square [N, N], got {tuple(matrix.shape)}")
     _check("chunk_sandwich", matrix, offsets, indices, weights)
-    num_rows = offsets.numel() - 1
-    if num_rows == 0 or indices.numel() == 0:
-        return torch.zeros((num_rows, num_rows), dtype=matrix.dtype, device=matrix.device)
-    out = torch.empty((num_rows, num_rows), dtype=matrix.dtype, device=matrix.device)
-    block_s = min(_SANDWICH_BLOCK_S, triton.next_power_of_2(num_rows))
-    grid = (num_rows, triton.cdiv(num_rows, block_s))
-    _chunk_sandwich_kernel[grid](
-        matrix, offsets.contiguous(), indices.contiguous(), weights.contiguous(), out, num_rows, *matrix.stride(),
-        BLOCK_S=block_s, BLOCK_J=_SANDWICH_BLOCK_J, num_warps=_NUM_WARPS)
-    return out
+    left = chunk_row_sums(matrix, offsets, indices, weights)
+    return chunk_row_sums(left.T, offsets, indices, weights).T.contiguous()
 
 
 def chunk_row_sums(values: torch.Tensor, offsets: torch.Tensor, indices: torch.Tensor,

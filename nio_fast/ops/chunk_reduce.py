@@ -15,7 +15,8 @@ Backends: ``"cpp"`` (the extension's CPU kernels, and CUDA kernels in CUDA build
 ``"triton"`` (``nio_fast.kernels.chunk_reduce``: CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``), ``"torch"`` (the dense matmuls: the plain twin, always there).
 ``"auto"`` takes ``availability.default_backend``'s order: Triton on CUDA, else the extension,
-else torch.
+else torch; and the dense twin for chunk Grams of fewer than 512 x 512 samples, where the
+kernels' fixed costs dominate (``benchmarks/test_chunk_reduce.py``).
 """
 from __future__ import annotations
 
@@ -198,9 +199,18 @@ def _check_weights(weights: Weighting, num_samples: int, data: torch.Tensor) -> 
         raise ValueError(f"weights: on {dense.device}, but the data is on {data.device}")
 
 
+# "auto" below this many Gram entries takes the dense twin: the sparse kernel's fixed costs (two
+# launches, the rows copied to the host for checking) outweigh its savings there (benchmarks/
+# results/chunk_reduce.md, 2 CPU cores: N = 64 and 256 at 0.5-1x the dense matmuls, N = 1024 at
+# 1.4-5x faster).
+_GRAM_DENSE_BELOW = 512 * 512
+
+
 def _reduce(data: torch.Tensor, weights: Weighting, backend: str, kernel: str, reference) -> torch.Tensor:
     _check_weights(weights, data.shape[0], data)
     chosen = _backend(backend, data)
+    if backend == "auto" and kernel == "chunk_sandwich" and data.numel() < _GRAM_DENSE_BELOW:
+        chosen = "torch"
     if chosen == "torch" or (isinstance(weights, torch.Tensor) and weights.requires_grad):
         return reference(data, weights.dense if isinstance(weights, ChunkWeighting) else weights)
     if not isinstance(weights, ChunkWeighting):
