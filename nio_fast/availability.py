@@ -26,12 +26,20 @@ BACKEND_NAMES = ("triton", "cpp", "torch")
 
 
 @functools.lru_cache(maxsize=None)
-def _load_extension() -> tuple[Optional[ModuleType], str]:
+def optional_module(name: str, present: str = "importable") -> tuple[Optional[ModuleType], str]:
+    """``(module, present)``, or ``(None, why)`` when importing ``name`` fails; tried once.
+
+    For the fast paths a package runs without: the extension, and each Triton kernel module
+    (no triton, a triton too old for the kernels, an extension built against another ABI).
+    """
     try:
-        module = importlib.import_module("nio_fast._C")
+        return importlib.import_module(name), present
     except Exception as error:  # ImportError, or an undefined symbol from an ABI mismatch
         return None, f"{type(error).__name__}: {error}"
-    return module, "built"
+
+
+def _load_extension() -> tuple[Optional[ModuleType], str]:
+    return optional_module("nio_fast._C", "built")
 
 
 _warned_missing_extension = False
@@ -58,13 +66,8 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _load_triton_kernels() -> tuple[Optional[ModuleType], str]:
-    try:
-        module = importlib.import_module("nio_fast.kernels.gram")
-    except Exception as error:
-        return None, f"{type(error).__name__}: {error}"
-    return module, "importable"
+    return optional_module("nio_fast.kernels.gram")
 
 
 def triton_kernels() -> Optional[ModuleType]:

@@ -20,8 +20,6 @@ kernels' fixed costs dominate (``benchmarks/test_chunk_reduce.py``).
 """
 from __future__ import annotations
 
-import functools
-import importlib
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional, Sequence, Union
@@ -132,12 +130,8 @@ class ChunkWeighting:
 Weighting = Union[torch.Tensor, ChunkWeighting]
 
 
-@functools.lru_cache(maxsize=None)
 def _load_triton_kernels() -> tuple[Optional[ModuleType], str]:
-    try:
-        return importlib.import_module("nio_fast.kernels.chunk_reduce"), "importable"
-    except Exception as error:  # no triton, or a triton too old for the kernels
-        return None, f"{type(error).__name__}: {error}"
+    return availability.optional_module("nio_fast.kernels.chunk_reduce")
 
 
 def _backend(backend: str, data: torch.Tensor) -> str:

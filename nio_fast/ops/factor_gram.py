@@ -36,7 +36,6 @@ always runs on torch (cuBLAS / BLAS).
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -316,12 +315,8 @@ class _OuterGram(torch.autograd.Function):
                 grad_b.to(b.dtype) if need_b else None, None, None, None)
 
 
-@functools.lru_cache(maxsize=None)
 def _load_ghost_kernels() -> tuple[Optional[ModuleType], str]:
-    try:
-        return importlib.import_module("nio_fast.kernels.ghost_gram"), "importable"
-    except Exception as error:  # no triton, or a triton too old for the kernels
-        return None, f"{type(error).__name__}: {error}"
+    return availability.optional_module("nio_fast.kernels.ghost_gram")
 
 
 def _ghost_kernels() -> ModuleType:
