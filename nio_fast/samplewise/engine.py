@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -109,13 +109,29 @@ class _ParameterUses:
     def single_embedding(self) -> bool:
         return len(self.entries) == 1 and self.entries[0][0].kind == EMBEDDING
 
+    @property
+    def num_samples(self) -> int:
+        use, _, grad = self.entries[0]
+        return grad.shape[use.sample_axis]
+
+    def positions(self, out_features: int) -> int:
+        """T of a linear / conv weight: output-gradient positions per sample, over all uses."""
+        return sum(grad.numel() // (self.num_samples * out_features) for _, _, grad in self.entries)
+
+    def checkpoint_inputs(self) -> list[torch.Tensor]:
+        """Every use's input and output gradient, flat: what a recomputing route takes."""
+        return [t for use, _, grad in self.entries for t in (use.inputs, grad)]
+
+    def bound(self, flat: Sequence[torch.Tensor]) -> Iterator[tuple[LayerUse, str, torch.Tensor]]:
+        """(use, role, output gradient), each use bound to ``flat``'s tensors (a checkpoint's own)."""
+        for (use, role, _), inputs, grad in zip(self.entries, flat[0::2], flat[1::2]):
+            yield replace(use, inputs=inputs), role, grad
+
 
 def _outer_route(uses: _ParameterUses, param: torch.Tensor) -> str:
     """The route from the shapes alone (no tensor is formed to decide): T positions in all uses."""
-    entries = uses.entries
-    num = entries[0][2].shape[entries[0][0].sample_axis]
-    positions = sum(grad.numel() // (num * param.shape[0]) for _, _, grad in entries)
-    return choose_outer_route(num, positions, param[0].numel(), param.shape[0], param.element_size())
+    return choose_outer_route(uses.num_samples, uses.positions(param.shape[0]), param[0].numel(), param.shape[0],
+                              param.element_size())
 
 
 def _chunks_beat_ghost(uses: _ParameterUses, param: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> bool:
@@ -123,10 +139,9 @@ def _chunks_beat_ghost(uses: _ParameterUses, param: torch.Tensor, bounds: Sequen
     ``(sum of chunk sizes) T d p + D^2 d p`` multiply-adds; the ghost route's per-sample Gram
     ``N^2 T^2 (d + p)``, its W^T G W reduction next to nothing. Materialising per sample is never
     cheaper than chunk sums, so this is the one comparison."""
-    entries = uses.entries
-    num = entries[0][2].shape[entries[0][0].sample_axis]
+    num = uses.num_samples
     out_features, in_features = param.shape[0], param[0].numel()
-    positions = sum(grad.numel() // (num * out_features) for _, _, grad in entries)
+    positions = uses.positions(out_features)
     rows = sum(min(end, num) - start for start, end in bounds)
     chunk_cost = float(rows) * positions * in_features * out_features + float(len(bounds)) ** 2 * param.numel()
     if not uses.outer_only():
@@ -135,27 +150,42 @@ def _chunks_beat_ghost(uses: _ParameterUses, param: torch.Tensor, bounds: Sequen
     return chunk_cost < cost.ghost_flops
 
 
+def _gram_of_summed_rows(uses: _ParameterUses, rows_of_use: Callable[[LayerUse, str, torch.Tensor], torch.Tensor],
+                         gram_of_sum: Callable[[torch.Tensor], torch.Tensor], num_rows: int,
+                         numel: int) -> torch.Tensor:
+    """``gram_of_sum`` of the [num_rows, numel] rows (per-sample gradients, or chunk sums) that
+    ``rows_of_use`` forms for each use, summed over the uses (tied weights add up).
+
+    The rows are kept for the backward when they are no bigger than the output gradients a
+    training step holds anyway (early convolutions: N x 2.3k values against N x 16k), and
+    recomputed there when bigger (late convolutions, wide linears): memory stays that of a
+    training step. Keeping them saved 10% of a GroupNorm ResNet-18 evaluation at N = 16.
+    """
+    def compute(*flat: torch.Tensor) -> torch.Tensor:
+        total = None
+        for use, role, grad in uses.bound(flat):
+            rows = rows_of_use(use, role, grad)
+            total = rows if total is None else total + rows
+        return gram_of_sum(total)
+
+    flat = uses.checkpoint_inputs()
+    if num_rows * numel <= sum(grad.numel() for _, _, grad in uses.entries):
+        return compute(*flat)
+    return _maybe_checkpoint(compute, *flat)
+
+
 def _chunk_sums_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
                      bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
     """The Gram of the chunk gradients of a linear or convolution weight from its chunk sums."""
-    entries = uses.entries
-    num = entries[0][2].shape[entries[0][0].sample_axis]
+    num = uses.num_samples
     sizes = torch.tensor([min(end, num) - start for start, end in bounds], dtype=dtype, device=param.device)
 
-    def compute(*flat: torch.Tensor) -> torch.Tensor:
-        total = None
-        for (use, _, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
-            sums = chunk_sums(replace(use, inputs=inputs), grad, param.shape, bounds)
-            total = sums if total is None else total + sums
+    def gram_of_sum(total: torch.Tensor) -> torch.Tensor:
         chunk_grads = total.to(dtype) / sizes.unsqueeze(1)
         return chunk_grads @ chunk_grads.T
 
-    flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
-    # As for per-sample vectors: keep the D chunk gradients for the backward when they are no
-    # bigger than the output gradients, else recompute them there.
-    if len(bounds) * param.numel() <= sum(grad.numel() for _, _, grad in entries):
-        return compute(*flat)
-    return _maybe_checkpoint(compute, *flat)
+    return _gram_of_summed_rows(uses, lambda use, _, grad: chunk_sums(use, grad, param.shape, bounds), gram_of_sum,
+                                len(bounds), param.numel())
 
 
 def _outer_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype, route: str) -> torch.Tensor:
@@ -166,16 +196,15 @@ def _outer_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype, r
 
     def compute(*flat: torch.Tensor) -> torch.Tensor:
         a_parts, b_parts = [], []
-        for (use, _, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
-            bound = replace(use, inputs=inputs)  # the checkpoint's own input
-            a, b = outer_factors(bound, grad, param.shape)
+        for use, _, grad in uses.bound(flat):
+            a, b = outer_factors(use, grad, param.shape)
             a_parts.append(a)
             b_parts.append(b)
         a = torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0]
         b = torch.cat(b_parts, 1) if len(b_parts) > 1 else b_parts[0]
         return ops.outer_gram(a, b, route=route).to(dtype)
 
-    flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
+    flat = uses.checkpoint_inputs()
     if conv or len(entries) > 1:  # unfolded patches / concatenated factors: recompute in the backward
         return _maybe_checkpoint(compute, *flat)
     return compute(*flat)
@@ -194,25 +223,8 @@ def _embedding_gram(uses: _ParameterUses, dtype: torch.dtype) -> torch.Tensor:
 
 def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
                   weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
-    entries = uses.entries
-
-    def compute(*flat: torch.Tensor) -> torch.Tensor:
-        total = None
-        for (use, role, _), inputs, grad in zip(entries, flat[0::2], flat[1::2]):
-            bound = replace(use, inputs=inputs)  # the checkpoint's own input
-            vectors = per_sample_vectors(bound, role, grad, param)
-            total = vectors if total is None else total + vectors
-        return _vector_gram(total, dtype, weights)
-
-    flat = [t for use, _, grad in entries for t in (use.inputs, grad)]
-    # Keep the per-sample gradients for the backward when they are no bigger than the output
-    # gradients a training step holds anyway (early convolutions: N x 2.3k values against
-    # N x 16k); recompute them when bigger (late convolutions, wide linears): memory stays that
-    # of a training step. Keeping them saved 10% of a GroupNorm ResNet-18 evaluation at N = 16.
-    per_sample_values = entries[0][2].shape[entries[0][0].sample_axis] * param.numel()
-    if per_sample_values <= sum(grad.numel() for _, _, grad in entries):
-        return compute(*flat)
-    return _maybe_checkpoint(compute, *flat)
+    return _gram_of_summed_rows(uses, lambda use, role, grad: per_sample_vectors(use, role, grad, param),
+                                lambda total: _vector_gram(total, dtype, weights), uses.num_samples, param.numel())
 
 
 def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
