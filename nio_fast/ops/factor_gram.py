@@ -220,20 +220,21 @@ def _ghost_backward(a: torch.Tensor, b: torch.Tensor, sym: torch.Tensor, budget:
             a_win = a_i[:, t0:t1].reshape(-1, d)
             b_win = b_i[:, t0:t1].reshape(-1, p)
             shape = (i1 - i0, t1 - t0, j1 - j0, positions)
-            if need_a:  # dA_i[t] += sum_{j,s} S_ij (b_it . b_js) a_js, and the mirror for j
-                w = (b_win @ b_rows.T)
+
+            def add_mirrored(grad, kernel_win, kernel_rows, win, rows):
+                """grad_i[t] += sum_{j,s} S_ij (k_it . k_js) x_js, and the mirror for j: x is A
+                with the kernel of B, or B with the kernel of A."""
+                w = kernel_win @ kernel_rows.T
                 w.view(shape).mul_(weights)
-                grad_a[i0:i1, t0:t1] += (w @ a_rows).view(i1 - i0, t1 - t0, d)
+                width = rows.shape[1]
+                grad[i0:i1, t0:t1] += (w @ rows).view(i1 - i0, t1 - t0, width)
                 if j0 != i0:
-                    grad_a[j0:j1] += (w.T @ a_win).view(j1 - j0, positions, d)
-                del w
+                    grad[j0:j1] += (w.T @ win).view(j1 - j0, positions, width)
+
+            if need_a:
+                add_mirrored(grad_a, b_win, b_rows, a_win, a_rows)
             if need_b:
-                w = (a_win @ a_rows.T)
-                w.view(shape).mul_(weights)
-                grad_b[i0:i1, t0:t1] += (w @ b_rows).view(i1 - i0, t1 - t0, p)
-                if j0 != i0:
-                    grad_b[j0:j1] += (w.T @ b_win).view(j1 - j0, positions, p)
-                del w
+                add_mirrored(grad_b, a_win, a_rows, b_win, b_rows)
     return grad_a, grad_b
 
 
