@@ -85,16 +85,23 @@ def _memory_rows(rows: list[dict]) -> list[dict]:
 GRAM_BACKEND_ORDER = {"torch": 0, "triton": 1, "cpp": 2}
 
 
+def _beside_torch(rows: list[dict], case):
+    """``(row, torch / backend)`` in case and backend order: each timing against the torch
+    backend's median of the same case (None where that is missing)."""
+    torch_seconds = {case(r): r["seconds"] for r in rows if r["backend"] == "torch"}
+    for r in sorted(rows, key=lambda r: (case(r), GRAM_BACKEND_ORDER.get(r["backend"], 9))):
+        reference = torch_seconds.get(case(r))
+        yield r, reference / r["seconds"] if reference and r["seconds"] else None
+
+
 def _chunk_reduce_rows(rows: list[dict]) -> list[dict]:
     """One row per timing, with the dense twin's median of the same case beside it."""
     def case(r):
         return r["op"], r["N"], r["D"], r["K"], r["overlap"], r["device"], r["direction"]
 
-    dense = {case(r): r["seconds"] for r in rows if r["backend"] == "torch"}
     return [{"op": r["op"], "N": r["N"], "D": r["D"], "K": r["K"], "overlap": r["overlap"], "device": r["device"],
-             "direction": r["direction"], "backend": r["backend"], "median s": r["seconds"],
-             "torch / backend": dense[case(r)] / r["seconds"] if dense.get(case(r)) and r["seconds"] else None}
-            for r in sorted(rows, key=lambda r: (case(r), GRAM_BACKEND_ORDER.get(r["backend"], 9)))]
+             "direction": r["direction"], "backend": r["backend"], "median s": r["seconds"], "torch / backend": ratio}
+            for r, ratio in _beside_torch(rows, case)]
 
 
 def _gram_rows(rows: list[dict]) -> list[dict]:
@@ -102,18 +109,11 @@ def _gram_rows(rows: list[dict]) -> list[dict]:
     def case(r):
         return r["model"], r["D"], r["device"], r["dtype"], r["direction"]
 
-    reference = {case(r): r["seconds"] for r in rows if r["backend"] == "torch"}
-    table = []
-    for r in sorted(rows, key=lambda r: (case(r), GRAM_BACKEND_ORDER.get(r["backend"], 9))):
-        torch_seconds = reference.get(case(r))
-        table.append({
-            "model": r["model"], "D": r["D"], "device": r["device"], "dtype": r["dtype"],
-            "direction": r["direction"], "backend": r["backend"], "rounds": r["rounds"],
-            "median s": r["seconds"],
-            "torch / backend": torch_seconds / r["seconds"] if torch_seconds and r["seconds"] else None,
-            "D·m GB/s": r["gradient_bytes"] / r["seconds"] / 1e9 if r["seconds"] else None,
-        })
-    return table
+    return [{"model": r["model"], "D": r["D"], "device": r["device"], "dtype": r["dtype"],
+             "direction": r["direction"], "backend": r["backend"], "rounds": r["rounds"], "median s": r["seconds"],
+             "torch / backend": ratio,
+             "D·m GB/s": r["gradient_bytes"] / r["seconds"] / 1e9 if r["seconds"] else None}
+            for r, ratio in _beside_torch(rows, case)]
 
 
 def _gram_memory_rows(rows: list[dict]) -> list[dict]:
