@@ -8,10 +8,7 @@ and the uniform contiguous chunks the samplewise engine uses.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
@@ -23,8 +20,8 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from nio_fast.kernels import chunk_reduce  # noqa: E402
+from hopper_compile import run_script  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CUDA = torch.cuda.is_available()
 RUNNABLE = INTERPRETING or CUDA
@@ -188,38 +185,23 @@ def test_rejected_inputs():
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import os
-    import re
-    import subprocess
     import sys
-    import tempfile
     import triton
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from hopper_compile import NO_NVIDIA_BACKEND, compile_and_report
     if "nvidia" not in triton.backends.backends:
-        sys.exit(77)
+        sys.exit(NO_NVIDIA_BACKEND)
     from nio_fast.kernels import chunk_reduce as cr
 
     for pointer in ("*fp32", "*fp64"):
-        common = {"offsets_ptr": "*i64", "indices_ptr": "*i64", "weights_ptr": pointer, "out_ptr": pointer}
         row_sums = ASTSource(
             fn=cr._chunk_row_sums_kernel,
-            signature={"values_ptr": pointer, **common, "K": "i32", "stride_vn": "i32", "stride_vk": "i32",
+            signature={"values_ptr": pointer, "offsets_ptr": "*i64", "indices_ptr": "*i64", "weights_ptr": pointer,
+                       "out_ptr": pointer, "K": "i32", "stride_vn": "i32", "stride_vk": "i32",
                        "BLOCK_K": "constexpr"},
             constexprs={"BLOCK_K": cr._ROW_SUMS_BLOCK_K},
         )
-        for name, source in (("row_sums", row_sums),):
-            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": cr._NUM_WARPS})
-            usage = ""
-            cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            if os.path.exists(cuobjdump):
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                    cubin.write(kernel.asm["cubin"])
-                    cubin.flush()
-                    dump = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
-                                          capture_output=True, text=True).stdout
-                usage = " ".join(re.findall(r"(REG:\\d+|STACK:\\d+|LOCAL:\\d+)", dump))
-            print(f"{pointer} {name}: {usage}")
+        compile_and_report(f"{pointer} row_sums", row_sums, cr._NUM_WARPS)
     """
 )
 
@@ -227,11 +209,4 @@ _COMPILE_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(CUDA, reason="on CUDA the kernels are compiled by the tests above")
 def test_kernels_compile_for_hopper():
     """Without a GPU, still compile the kernel for sm_90 (the interpreter checks none of the GPU rules)."""
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=environment, capture_output=True,
-                            text=True, timeout=300)
-    if result.returncode == 77:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0, result.stderr[-4000:]
-    print(result.stdout)  # registers and stack (spills) per kernel, shown with -s
+    print(run_script(_COMPILE_SCRIPT))  # registers and stack (spills) per kernel, shown with -s

@@ -7,10 +7,7 @@ cases few. The backend dispatch and its refusal are checked wherever Triton impo
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
@@ -23,9 +20,9 @@ triton = pytest.importorskip("triton")
 
 from nio_fast import ops  # noqa: E402
 from nio_fast.kernels import ghost_gram  # noqa: E402
+from hopper_compile import run_script  # noqa: E402
 from nio_fast.ops import factor_gram  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CUDA = torch.cuda.is_available()
 RUNNABLE = INTERPRETING or CUDA
@@ -178,18 +175,14 @@ def test_auto_takes_triton_on_cuda_with_positions():
 
 _COMPILE_SCRIPT = textwrap.dedent(
     """
-    import os
-    import re
-    import subprocess
     import sys
-    import tempfile
     import torch
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from hopper_compile import NO_NVIDIA_BACKEND, compile_and_report
     if "nvidia" not in triton.backends.backends:
-        sys.exit(77)
+        sys.exit(NO_NVIDIA_BACKEND)
     from nio_fast.kernels import ghost_gram as gg
 
     POINTER = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
@@ -220,18 +213,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
                         **{k: v for k, v in bwd.items() if k != "num_warps"}},
         )
         for name, source, config in (("forward", forward, fwd), ("backward", backward, bwd)):
-            kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                    options={"num_warps": config["num_warps"]})
-            usage = ""
-            cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            if os.path.exists(cuobjdump):
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                    cubin.write(kernel.asm["cubin"])
-                    cubin.flush()
-                    dump = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name],
-                                          capture_output=True, text=True).stdout
-                usage = " ".join(re.findall(r"(REG:\\d+|STACK:\\d+|LOCAL:\\d+)", dump))
-            print(f"{dtype} {name} {config}: {usage}")
+            compile_and_report(f"{dtype} {name} {config}", source, config["num_warps"])
     """
 )
 
@@ -240,11 +222,4 @@ _COMPILE_SCRIPT = textwrap.dedent(
 def test_kernels_compile_for_hopper():
     """Without a GPU, still compile both kernels for sm_90 at their largest tiles (the interpreter
     checks none of the GPU rules)."""
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=environment, capture_output=True,
-                            text=True, timeout=300)
-    if result.returncode == 77:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0, result.stderr[-4000:]
-    print(result.stdout)  # registers and stack (spills) per kernel, shown with -s
+    print(run_script(_COMPILE_SCRIPT))  # registers and stack (spills) per kernel, shown with -s

@@ -7,10 +7,7 @@ triton is imported), which executes every program in numpy: sizes here are kept 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
@@ -22,6 +19,7 @@ import pytest
 triton = pytest.importorskip("triton")
 
 from nio_fast.kernels import gram_backward, gram_forward  # noqa: E402
+from hopper_compile import run_script  # noqa: E402
 from nio_fast.kernels.gram import TABLE_BLOCK  # noqa: E402
 from nio_fast.kernels.work_table import (  # noqa: E402
     build_work_table,
@@ -29,7 +27,6 @@ from nio_fast.kernels.work_table import (  # noqa: E402
     prepare_gram_groups,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 CUDA = torch.cuda.is_available()
 
@@ -355,8 +352,9 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from hopper_compile import NO_NVIDIA_BACKEND
     if "nvidia" not in triton.backends.backends:
-        sys.exit(77)
+        sys.exit(NO_NVIDIA_BACKEND)
     from nio_fast.kernels import gram
 
     POINTER = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32", tl.float64: "*fp64"}
@@ -393,12 +391,4 @@ _COMPILE_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(CUDA, reason="the CUDA test class runs the compiled kernels")
 def test_kernels_compile_for_hopper():
     """Without a GPU, still compile both kernels for sm_90 (the interpreter checks no GPU rules)."""
-    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), environment.get("PYTHONPATH")]))
-    environment.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT], env=environment, capture_output=True, text=True, timeout=300
-    )
-    if result.returncode == 77:
-        pytest.skip("this Triton build has no NVIDIA backend")
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_script(_COMPILE_SCRIPT, TRITON_DEFAULT_FP_FUSION="1")
