@@ -45,13 +45,10 @@ class _RecomputedChunkGram(torch.autograd.Function):
         devices = [p.device for p in params if p.device.type == "cuda"][:1]
         ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices], devices)
         ctx.model, ctx.inputs, ctx.targets, ctx.loss_fn, ctx.bounds = model, inputs, targets, loss_fn, bounds
-        with torch.enable_grad():
-            outputs = call_model(model, inputs)
-            grads = []
-            for k, (start, end) in enumerate(bounds):
-                loss = _chunk_loss(outputs, targets, loss_fn, start, end)
-                row = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=k < len(bounds) - 1)
-                grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(row, params)])
+        from .gradcosine import chunk_gradients  # (gradcosine imports this module)
+        with torch.enable_grad():  # the exact mode's chunk gradients, without graph
+            rows = chunk_gradients(model, inputs, targets, loss_fn, params, bounds, "exact", create_graph=False)
+        grads = [[torch.zeros_like(p) if g is None else g for g, p in zip(row, params)] for row in rows]
         ctx.grads, ctx.params = grads, params
         return ops.gram(grads, backend=backend)
 
