@@ -6,7 +6,7 @@ Steps, in order, each recorded whatever the others do:
 
 1. build: compile nio_fast._C in place (``setup.py build_ext --inplace --force``) when it does not
    import, or lacks CUDA kernels although nvcc and CUDA sources are there (``--build`` to choose);
-2. tests: ``pytest`` of CORRECTNESS_TEST_FILES (the Gram, ghost-Gram and chunk-reduction kernels,
+2. tests: ``pytest`` of CORRECTNESS_TEST_FILES (the Gram, ghost-Gram and chunk-reduction kernels, GroupNorm,
    the extension, the ops) with TRITON_INTERPRET unset, so that their CUDA classes and
    parameters run; pass/fail counts;
 3. bandwidth: the device's copy bandwidth (a large device-to-device copy, bytes read plus
@@ -16,7 +16,8 @@ Steps, in order, each recorded whatever the others do:
    against an fp64 reference first: a kernel that is fast and wrong fails here;
 4. gram: ``pytest benchmarks/test_gram.py --benchmark-only`` (tables gram, gram_memory), then
    chunk_reduce: ``pytest benchmarks/test_chunk_reduce.py`` (the sparse chunk reductions against
-   their dense twin, table chunk_reduce);
+   their dense twin, table chunk_reduce), then group_norm: ``pytest benchmarks/test_group_norm.py``
+   (GroupNorm's second-order pass, F.group_norm against ops.group_norm, table group_norm);
 5. torchvision: a NIO iteration on torchvision ResNet-18/50 on the GPU (GPU-only cases; noted
    and skipped where torchvision is missing);
 6. iteration: ``pytest benchmarks/test_iteration.py --benchmark-only`` (its models run on CPU);
@@ -64,10 +65,11 @@ for _path in (str(ROOT), str(BENCHMARKS)):
 
 import torch  # noqa: E402  (nio_fast is imported after the build step, which may create _C)
 
-STEPS = ("build", "tests", "bandwidth", "gram", "chunk_reduce", "torchvision", "iteration", "samplewise")
+STEPS = ("build", "tests", "bandwidth", "gram", "chunk_reduce", "group_norm", "torchvision", "iteration",
+         "samplewise")
 CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py",
                           "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
-                          "tests/test_chunk_reduce.py")
+                          "tests/test_chunk_reduce.py", "tests/test_group_norm.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one training step and one iteration pair, D = 16
 DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only
@@ -430,6 +432,11 @@ def step_chunk_reduce(report, args, log, deadline) -> str:
                               **quick)
 
 
+def step_group_norm(report, args, log, deadline) -> str:
+    extra = ["-k", "64x64x8x8"] if args.dry_run else []
+    return run_benchmark_file(report, args, log, deadline, "benchmarks/test_group_norm.py", extra, ("group_norm",))
+
+
 def step_iteration(report, args, log, deadline) -> str:
     extra = ["-k", DRY_RUN_ITERATION_SELECTION] if args.dry_run else []
     return run_benchmark_file(report, args, log, deadline, "benchmarks/test_iteration.py", extra, ("iteration",))
@@ -607,7 +614,8 @@ def render_markdown(report: dict) -> str:
             "backward error": r["backward_error"], "correct": r["correct"]} for r in bandwidth["rows"]])
     for table, title in (("gram", "Gram benchmarks (benchmarks/test_gram.py)"),
                          ("gram_memory", "Gram extra memory (benchmarks/test_gram.py)"),
-                         ("chunk_reduce", "Chunk reductions (benchmarks/test_chunk_reduce.py)")):
+                         ("chunk_reduce", "Chunk reductions (benchmarks/test_chunk_reduce.py)"),
+                         ("group_norm", "GroupNorm's second-order pass (benchmarks/test_group_norm.py)")):
         if table in report:
             lines += ["", f"## {title}", ""] + markdown_table(report[table])
     torchvision = report.get("torchvision")
@@ -677,7 +685,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_status(report)
 
     steps = {"build": step_build, "tests": step_tests, "bandwidth": step_bandwidth, "gram": step_gram,
-             "chunk_reduce": step_chunk_reduce, "torchvision": step_torchvision, "iteration": step_iteration,
+             "chunk_reduce": step_chunk_reduce, "group_norm": step_group_norm, "torchvision": step_torchvision, "iteration": step_iteration,
              "samplewise": step_samplewise}
     for name in STEPS:
         if name != "build" and "backends" not in report:  # after the build, which may create _C

@@ -82,16 +82,26 @@ def _memory_rows(rows: list[dict]) -> list[dict]:
             for (model, d), m in sorted(grouped.items())]
 
 
-GRAM_BACKEND_ORDER = {"torch": 0, "triton": 1, "cpp": 2}
+GRAM_BACKEND_ORDER = {"native": -1, "torch": 0, "triton": 1, "cpp": 2}
 
 
-def _beside_torch(rows: list[dict], case):
-    """``(row, torch / backend)`` in case and backend order: each timing against the torch
-    backend's median of the same case (None where that is missing)."""
-    torch_seconds = {case(r): r["seconds"] for r in rows if r["backend"] == "torch"}
+def _beside_torch(rows: list[dict], case, reference_backend: str = "torch"):
+    """``(row, reference / backend)`` in case and backend order: each timing against the
+    ``reference_backend``'s median of the same case (None where that is missing)."""
+    reference_seconds = {case(r): r["seconds"] for r in rows if r["backend"] == reference_backend}
     for r in sorted(rows, key=lambda r: (case(r), GRAM_BACKEND_ORDER.get(r["backend"], 9))):
-        reference = torch_seconds.get(case(r))
+        reference = reference_seconds.get(case(r))
         yield r, reference / r["seconds"] if reference and r["seconds"] else None
+
+
+def _group_norm_rows(rows: list[dict]) -> list[dict]:
+    """One row per timing, with F.group_norm's median of the same case beside it."""
+    def case(r):
+        return r["shape"], r["device"], r["order"]
+
+    return [{"shape": r["shape"], "device": r["device"], "order": r["order"], "backend": r["backend"],
+             "median s": r["seconds"], "native / backend": ratio}
+            for r, ratio in _beside_torch(rows, case, reference_backend="native")]
 
 
 def _chunk_reduce_rows(rows: list[dict]) -> list[dict]:
@@ -306,6 +316,14 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "gradients; W [N, D] the chunks' averaging weights (overlap 0.5: twice the nonzeros). "
                             "torch: dense matmuls; cpp: the extension's sparse kernels. forward+backward: the "
                             "gradient with respect to G or V as well.")
+    if tables.get("group_norm"):
+        table = _group_norm_rows(tables["group_norm"])
+        write_results("group_norm", table, list(table[0]), "GroupNorm: F.group_norm against nio_fast.ops.group_norm "
+                      "(medians of 7)",
+                      notes="second order: forward, backward with a graph, and the backward of the squared "
+                            "gradients (what an NIO iteration does with each GroupNorm); first order: forward and "
+                            "backward. native: F.group_norm; torch: ops.group_norm with its plain twins; cpp: "
+                            "with the extension's fused CPU kernels. 8 groups.")
     if tables.get("samplewise") or tables.get("samplewise_memory"):
         table = _samplewise_rows(tables.get("samplewise", []), tables.get("samplewise_memory", []))
         memory_rows = tables.get("samplewise_memory", [])
@@ -319,5 +337,5 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
             _plot_samplewise(table)
     for name, rows in tables.items():
         if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory",
-                        "chunk_reduce") and rows:
+                        "chunk_reduce", "group_norm") and rows:
             write_results(name, rows, list(rows[0]), name)

@@ -1,14 +1,18 @@
 // Python module nio_fast._C: argument conversion and the GIL only; the work
-// is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp and chunk_reduce.cpp.
+// is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp, chunk_reduce.cpp and
+// group_norm.cpp.
 #include <torch/extension.h>
 
 #include "chunk_reduce.h"
 #include "cpu_kernels.h"
 #include "gram_ops.h"
+#include "group_norm.h"
 #include "tensor_dots.h"
 #include "work_table.h"
 
 namespace {
+
+at::Tensor or_undefined(const std::optional<at::Tensor>& t) { return t.has_value() ? *t : at::Tensor(); }
 
 bool cuda_compiled() {
 #ifdef NIO_FAST_WITH_CUDA
@@ -44,6 +48,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("chunk_row_sums", &nio_fast::chunk_row_sums, py::arg("values"), py::arg("offsets"), py::arg("indices"),
         py::arg("weights"), py::call_guard<py::gil_scoped_release>(),
         "out[r, :] = sum over row r's entries a of weights[a] * values[indices[a], :] (W V for CSR rows of W).");
+  m.def(
+      "group_norm_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const std::optional<at::Tensor>& weight, int64_t groups) {
+        return nio_fast::group_norm_backward(grad_out, x, mean, rstd, or_undefined(weight), groups);
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("groups"),
+      py::call_guard<py::gil_scoped_release>(),
+      "GroupNorm backward, CPU: (grad_x, grad_weight per sample [N, C], grad_bias per sample [N, C]).");
+  m.def(
+      "group_norm_double_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const std::optional<at::Tensor>& weight, int64_t groups, const std::optional<at::Tensor>& u,
+         const std::optional<at::Tensor>& p, const std::optional<at::Tensor>& q) {
+        return nio_fast::group_norm_double_backward(grad_out, x, mean, rstd, or_undefined(weight), groups,
+                                                    or_undefined(u), or_undefined(p), or_undefined(q));
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("groups"),
+      py::arg("u"), py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
+      "VJP of group_norm_backward with cotangents (u, p, q), CPU: (d grad_out, d x, d weight per sample [N, C]).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").

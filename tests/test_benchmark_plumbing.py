@@ -115,6 +115,8 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert {(r["op"], r["backend"]) for r in written["chunk_reduce"]} >= {
         (op, backend) for op in ("chunk_gram", "chunk_sums") for backend in ("torch", "cpp")}
     assert all(r["median s"] > 0 and r["torch / backend"] > 0 for r in written["chunk_reduce"])
+    assert {r["backend"] for r in written["group_norm"]} >= {"native", "torch", "cpp"}
+    assert all(r["median s"] > 0 and r["native / backend"] > 0 for r in written["group_norm"])
     assert written["torchvision"]["rows"] and written["torchvision"]["rows"][0]["nio_fast s"] > 0
     assert written["iteration"] and written["iteration"][0]["step s"] > 0
     samplewise = {r["N"]: r for r in written["samplewise"] if r["model"] == "vit_small"}
@@ -123,10 +125,10 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     markdown = (tmp_path / "gpu_check.md").read_text()
     for heading in ("**Result: PASS**", "## Correctness tests", "## Bandwidth", "## Gram benchmarks",
                     "## Gram extra memory", "## NIO iteration on torchvision", "## Iteration benchmarks",
-                    "## Sample-wise GradCosine"):
+                    "## Sample-wise GradCosine", "## GroupNorm's second-order pass"):
         assert heading in markdown
     assert (tmp_path / "gpu_check.log").stat().st_size > 0
-    for table in ("gram", "gram_memory", "iteration", "samplewise"):  # redirected: benchmarks/results untouched
+    for table in ("gram", "gram_memory", "group_norm", "iteration", "samplewise"):  # redirected: benchmarks/results untouched
         assert (tmp_path / "gpu_check" / f"{table}.md").exists()
 
 
