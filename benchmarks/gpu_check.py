@@ -71,7 +71,7 @@ CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py"
                           "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
                           "tests/test_chunk_reduce.py", "tests/test_group_norm.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
-DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one training step and one iteration pair, D = 16
+DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one iteration pair (each timing its own steps), D = 16
 DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only
 BANDWIDTH_TARGET = 0.8
 # Gram entries are compared as |G - G_ref| / sqrt(G_ii G_jj) (the Cauchy-Schwarz bound of G_ij),

@@ -10,21 +10,27 @@ from harness import write_results
 
 
 def _iteration_rows(rows: list[dict]) -> list[dict]:
-    step = {(r["model"], r["batch"]): r["seconds"] for r in rows if r["implementation"] == "step"}
-    timed = defaultdict(dict)
+    """One row per (model, N, D). Each implementation's '/ step' divides by the median of the
+    training steps timed between its own rounds (``step_seconds``); 'step s' shows nio_fast's."""
+    timed, steps = defaultdict(dict), defaultdict(dict)
     for r in rows:
-        if r["implementation"] != "step":
-            timed[(r["model"], r["batch"], r["D"])][r["implementation"]] = r["seconds"]
+        key = (r["model"], r["batch"], r["D"])
+        timed[key][r["implementation"]] = r["seconds"]
+        steps[key][r["implementation"]] = r.get("step_seconds")
+
+    def per_step(key, implementation):
+        seconds, step = timed[key].get(implementation), steps[key].get(implementation)
+        return seconds / step if seconds and step else None
+
     table = []
-    for (model, batch, d), times in sorted(timed.items()):
+    for key, times in sorted(timed.items()):
+        model, batch, d = key
         reference, fast = times.get("reference"), times.get("nio_fast")
-        one_step = step.get((model, batch))
         recompute = times.get("nio_fast_recompute")
         table.append({
-            "model": model, "N": batch, "D": d, "step s": one_step, "reference s": reference, "nio_fast s": fast,
-            "speed-up": reference / fast if reference and fast else None,
-            "reference / step": reference / one_step if reference and one_step else None,
-            "nio_fast / step": fast / one_step if fast and one_step else None,
+            "model": model, "N": batch, "D": d, "step s": steps[key].get("nio_fast"), "reference s": reference,
+            "nio_fast s": fast, "speed-up": reference / fast if reference and fast else None,
+            "reference / step": per_step(key, "reference"), "nio_fast / step": per_step(key, "nio_fast"),
             "exact_recompute / reference": recompute / reference if recompute and reference else None,
         })
     return table
@@ -290,7 +296,8 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
     if table:  # (training steps alone make no rows)
         write_results("iteration", table, list(table[0]), "Seconds per NIO iteration (medians)",
                       notes="speed-up = reference / nio_fast; '/ step' = in units of one training step "
-                            "(forward + backward) on the same batch; exact_recompute: nio_fast with "
+                            "(forward + backward) on the same batch, timed between the rounds of the same "
+                            "case (step s: those of nio_fast's); exact_recompute: nio_fast with "
                             "mode='exact_recompute' (BatchNorm, one chunk graph in memory at a time), its time "
                             "over the reference's.\n\n" + _growth_notes(table))
         _plot_iteration(table)
