@@ -66,3 +66,18 @@ def test_per_chunk_path_equals_exact_in_value_and_scale_gradient(case):
     torch.testing.assert_close(fast.value, exact.value, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(fast.value, params), torch.autograd.grad(exact.value, params)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_chunks_of_sixteen_samples_or_more_loop_on_the_cpu_instead_of_vmap():
+    torch.manual_seed(0)
+    model = ImageNet(nn.GroupNorm(2, 4)).double()
+    batch = (torch.randn(32, 3, 9, 9, dtype=torch.float64), torch.randint(0, 5, (32,)))
+    params = list(model.parameters())
+    looped = nio_fast.gradcosine(model, batch, sub_batches=2, create_graph=True)
+    assert engine._VMAP_VERDICT.get(model) is None  # vmap was never tried: 16 samples per chunk
+    exact = nio_fast.gradcosine(model, batch, sub_batches=2, create_graph=True, mode="exact")
+    torch.testing.assert_close(looped.value, exact.value, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(looped.value, params), torch.autograd.grad(exact.value, params)):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
+    nio_fast.gradcosine(model, batch, sub_batches=4)  # 8 samples per chunk: vmap
+    assert engine._VMAP_VERDICT.get(model) is True

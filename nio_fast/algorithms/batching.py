@@ -28,12 +28,12 @@ def is_single_batch(data: Any) -> bool:
     return isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[1], torch.Tensor)
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
+def first_tensor(obj: Any) -> torch.Tensor | None:
     if isinstance(obj, torch.Tensor):
         return obj
     values = obj.values() if isinstance(obj, Mapping) else obj if isinstance(obj, (tuple, list)) else ()
     for value in values:
-        found = _first_tensor(value)
+        found = first_tensor(value)
         if found is not None:
             return found
     return None
@@ -41,7 +41,7 @@ def _first_tensor(obj: Any) -> torch.Tensor | None:
 
 def num_samples(inputs: Any, arg: str = "batch") -> int:
     """The batch size: dimension 0 of the first tensor in ``inputs``."""
-    tensor = _first_tensor(inputs)
+    tensor = first_tensor(inputs)
     if tensor is None or tensor.dim() == 0:
         raise TypeError(f"{arg}: the inputs hold no tensor with a batch dimension")
     return tensor.shape[0]
