@@ -206,3 +206,18 @@ def test_nio_modes_route_nn_group_norm_through_the_fused_op_and_restore_it():
     outside = model(x).grad_fn
     assert "GroupNorm" in type(inside).__name__ and type(inside).__name__ != type(outside).__name__
     assert type(outside).__name__ == "NativeGroupNormBackward0"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_norm_without_affine_parameters_matches_to_second_order(backend):
+    gen = torch.Generator().manual_seed(17)
+    x, _, _ = inputs((3, 6, 4, 5), torch.float64, gen)
+    cotangent = torch.randn(3, 6, 4, 5, generator=gen, dtype=torch.float64)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad((fn(leaf) * cotangent).sin().sum(), leaf, create_graph=True)
+        return grad, torch.autograd.grad(grad.cos().sum(), leaf)[0]
+
+    for ours, theirs in zip(run(lambda t: ops.group_norm(t, 3, backend=backend)), run(lambda t: F.group_norm(t, 3))):
+        assert_near(ours, theirs, torch.float64)
