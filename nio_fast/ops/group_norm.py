@@ -232,8 +232,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
     if not isinstance(num_groups, int) or input.dim() < 2 or num_groups <= 0 or input.shape[1] % num_groups:
         return F.group_norm(input, num_groups, weight, bias, eps)  # its own error message
     if backend != "torch" and not _fused(input, backend):  # ("cpp" raises here when it cannot run)
-        # No fused kernels for these tensors: PyTorch's GroupNorm beats the plain twins (0.2-0.6x
-        # their speed on the double backward, benchmarks/results/group_norm.md).
+        # No fused kernels for these tensors: the plain twins would run the second-order pass at
+        # 0.3-0.4x PyTorch's speed (benchmarks/results/group_norm.md).
         return F.group_norm(input, num_groups, weight, bias, eps)
     return _GroupNorm.apply(input, weight, bias, num_groups, eps, backend)[0]
 
