@@ -69,7 +69,8 @@ STEPS = ("build", "tests", "bandwidth", "gram", "chunk_reduce", "group_norm", "t
          "samplewise")
 CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py",
                           "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
-                          "tests/test_chunk_reduce.py", "tests/test_group_norm.py")
+                          "tests/test_chunk_reduce.py", "tests/test_group_norm.py",
+                          "tests/test_triton_group_norm.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one iteration pair (each timing its own steps), D = 16
 DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only
@@ -685,7 +686,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exit_status(report)
 
     steps = {"build": step_build, "tests": step_tests, "bandwidth": step_bandwidth, "gram": step_gram,
-             "chunk_reduce": step_chunk_reduce, "group_norm": step_group_norm, "torchvision": step_torchvision, "iteration": step_iteration,
+             "chunk_reduce": step_chunk_reduce, "group_norm": step_group_norm, "torchvision": step_torchvision,
+             "iteration": step_iteration,
              "samplewise": step_samplewise}
     for name in STEPS:
         if name != "build" and "backends" not in report:  # after the build, which may create _C

@@ -1,7 +1,7 @@
 """Seconds of GroupNorm through NIO's second-order pass: ``F.group_norm`` ("native": PyTorch's
 differentiable composite backward, autograd over it for the double backward) against
-``ops.group_norm`` with its plain twins ("torch") and with the extension's fused kernels ("cpp";
-CPU only), in one run side by side.
+``ops.group_norm`` with its plain twins ("torch") and with its fused kernels ("cpp": the extension's,
+on the CPU; "triton": on CUDA), in one run side by side.
 
 "second order" is what an NIO iteration does with every GroupNorm: forward, backward with a
 graph, and the backward of a function of that gradient; "first order" is a training step's
@@ -18,7 +18,9 @@ from harness import synchronize
 from nio_fast import availability, ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = ["native", "torch"] + (["cpp"] if DEVICE.type == "cpu" and availability.cpp_usable(DEVICE) else [])
+BACKENDS = ["native", "torch"] + [name for name, usable in (
+    ("cpp", DEVICE.type == "cpu" and availability.cpp_usable(DEVICE)),
+    ("triton", DEVICE.type == "cuda" and availability.triton_usable(DEVICE))) if usable]
 SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]
 ORDERS = ("first order", "second order")
 

@@ -7,15 +7,17 @@ double backward runs autograd over all of them (about 90 times the cost of the f
 kernel's equal from the extension (``csrc/group_norm.cpp``), and its derivative a second fused
 kernel (statistics pass, output pass); both are autograd Functions with vmap rules, so the
 vmapped chunk gradients of NIO use them too. Forward, backward with graph and double backward
-together: 1.5-2.3x faster than F.group_norm's (``benchmarks/test_group_norm.py``).
+together: 1.5-2.2x faster than F.group_norm's (``benchmarks/test_group_norm.py``).
 
 Affine gradients come out of the backward per sample ([N, C], summed by the caller): under
 vmap over chunks each chunk's sum is then an ordinary sum over its samples.
 
 The plain twins (:func:`group_norm_backward_reference`, :func:`group_norm_double_backward_reference`)
 are PyTorch ops on statistics recomputed from x, so they are differentiable to any order: they
-take a third derivative, and ``backend="torch"``. Where the fused kernels do not run (CUDA, half
-precision, no extension) ``group_norm`` is ``F.group_norm``, faster than the twins there.
+take a third derivative, and ``backend="torch"``. Where the fused kernels do not run (half
+precision, no extension or Triton) ``group_norm`` is ``F.group_norm``, faster than the twins.
+On CUDA the kernels are ``nio_fast/kernels/group_norm.py`` (Triton), tested under the interpreter;
+not yet timed on a GPU.
 """
 from __future__ import annotations
 
@@ -103,17 +105,33 @@ def group_norm_double_backward_reference(grad_out: Tensor, x: Tensor, weight: Op
     return d_grad_out, d_x.reshape_as(x), d_weight
 
 
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "triton", "torch")
+_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-def _fused(x: Tensor, backend: str) -> bool:
-    """Whether the extension's kernels run: "auto" takes them for CPU fp32/fp64 tensors."""
-    usable = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-              and availability.cpp_usable(x.device))
-    if backend == "cpp" and not usable:
+def _triton_module():
+    return availability.optional_module("nio_fast.kernels.group_norm")[0]
+
+
+def _kernels(x: Tensor, backend: str):
+    """The module whose ``group_norm_backward`` / ``group_norm_double_backward`` run on ``x``: the
+    extension (CPU) or the Triton kernels (CUDA; CPU under TRITON_INTERPRET=1), or None for the
+    twins. "auto" takes cpp on the CPU and triton on CUDA, for float32 / float64; a named backend
+    that cannot run raises."""
+    if backend == "torch":
+        return None
+    supported = x.dtype in _FUSED_DTYPES
+    cpp = supported and x.device.type == "cpu" and availability.cpp_usable(x.device)
+    triton_ok = supported and _triton_module() is not None and availability.triton_usable(x.device)
+    if backend == "cpp" and not cpp:
         raise ValueError(f"backend: 'cpp' group_norm kernels need CPU float32/float64 tensors and the built "
                          f"extension; got {x.dtype} on {x.device}")
-    return usable and backend != "torch"
+    if backend == "triton" and not triton_ok:
+        raise ValueError(f"backend: 'triton' group_norm kernels need float32/float64 CUDA tensors (CPU ones "
+                         f"under TRITON_INTERPRET=1) and triton; got {x.dtype} on {x.device}")
+    if backend == "triton" or (backend == "auto" and not cpp and x.device.type == "cuda" and triton_ok):
+        return _triton_module()
+    return availability.extension() if cpp else None
 
 
 def _batch_first(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
@@ -182,8 +200,9 @@ class _GroupNormBackward(Function):
 
     @staticmethod
     def forward(grad_out, x, weight, mean, rstd, groups, eps, backend):
-        if _fused(x, backend):
-            return availability.extension().group_norm_backward(grad_out, x, mean, rstd, weight, groups)
+        kernels = _kernels(x, backend)
+        if kernels is not None:
+            return kernels.group_norm_backward(grad_out, x, mean, rstd, weight, groups)
         return group_norm_backward_reference(grad_out, x, weight, groups, eps)
 
     @staticmethod
@@ -195,9 +214,10 @@ class _GroupNormBackward(Function):
     @staticmethod
     def backward(ctx, u, p, q):
         grad_out, x, weight, mean, rstd = ctx.saved_tensors
-        if _fused(x, ctx.backend) and not torch.is_grad_enabled():
-            d_grad_out, d_x, d_weight = availability.extension().group_norm_double_backward(
-                grad_out, x, mean, rstd, weight, ctx.groups, u, p, q)
+        kernels = _kernels(x, ctx.backend)
+        if kernels is not None and not torch.is_grad_enabled():
+            d_grad_out, d_x, d_weight = kernels.group_norm_double_backward(grad_out, x, mean, rstd, weight,
+                                                                           ctx.groups, u, p, q)
         else:  # another device or dtype, or a graph to build for a third derivative
             d_grad_out, d_x, d_weight = group_norm_double_backward_reference(grad_out, x, weight, ctx.groups,
                                                                              ctx.eps, u, p, q)
@@ -223,15 +243,16 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
                eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
     """``F.group_norm`` with the fused backward and double backward of this module (same values).
 
-    ``backend``: ``"cpp"`` (the extension's CPU kernels), ``"torch"`` (the plain twins) or
-    ``"auto"`` (cpp for CPU fp32/fp64 tensors when built, else ``F.group_norm`` itself).
+    ``backend``: ``"cpp"`` (the extension's CPU kernels), ``"triton"`` (CUDA; CPU tensors under
+    TRITON_INTERPRET=1), ``"torch"`` (the plain twins) or ``"auto"`` (cpp for CPU, triton for
+    CUDA fp32/fp64 tensors, else ``F.group_norm`` itself).
     A backward without a graph (first order) runs PyTorch's fused kernel in any case.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     if not isinstance(num_groups, int) or input.dim() < 2 or num_groups <= 0 or input.shape[1] % num_groups:
         return F.group_norm(input, num_groups, weight, bias, eps)  # its own error message
-    if backend != "torch" and not _fused(input, backend):  # ("cpp" raises here when it cannot run)
+    if backend != "torch" and _kernels(input, backend) is None:  # (a named backend raises if it cannot run)
         # No fused kernels for these tensors: the plain twins would run the second-order pass at
         # 0.3-0.4x PyTorch's speed (benchmarks/results/group_norm.md).
         return F.group_norm(input, num_groups, weight, bias, eps)
