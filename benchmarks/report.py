@@ -88,14 +88,14 @@ def _memory_rows(rows: list[dict]) -> list[dict]:
             for (model, d), m in sorted(grouped.items())]
 
 
-GRAM_BACKEND_ORDER = {"native": -1, "torch": 0, "triton": 1, "cpp": 2}
+BACKEND_ORDER = {"native": -1, "torch": 0, "triton": 1, "cpp": 2}
 
 
-def _beside_torch(rows: list[dict], case, reference_backend: str = "torch"):
+def _beside_reference(rows: list[dict], case, reference_backend: str = "torch"):
     """``(row, reference / backend)`` in case and backend order: each timing against the
     ``reference_backend``'s median of the same case (None where that is missing)."""
     reference_seconds = {case(r): r["seconds"] for r in rows if r["backend"] == reference_backend}
-    for r in sorted(rows, key=lambda r: (case(r), GRAM_BACKEND_ORDER.get(r["backend"], 9))):
+    for r in sorted(rows, key=lambda r: (case(r), BACKEND_ORDER.get(r["backend"], 9))):
         reference = reference_seconds.get(case(r))
         yield r, reference / r["seconds"] if reference and r["seconds"] else None
 
@@ -107,7 +107,7 @@ def _group_norm_rows(rows: list[dict]) -> list[dict]:
 
     return [{"shape": r["shape"], "device": r["device"], "order": r["order"], "backend": r["backend"],
              "median s": r["seconds"], "native / backend": ratio}
-            for r, ratio in _beside_torch(rows, case, reference_backend="native")]
+            for r, ratio in _beside_reference(rows, case, reference_backend="native")]
 
 
 def _chunk_reduce_rows(rows: list[dict]) -> list[dict]:
@@ -117,7 +117,7 @@ def _chunk_reduce_rows(rows: list[dict]) -> list[dict]:
 
     return [{"op": r["op"], "N": r["N"], "D": r["D"], "K": r["K"], "overlap": r["overlap"], "device": r["device"],
              "direction": r["direction"], "backend": r["backend"], "median s": r["seconds"], "torch / backend": ratio}
-            for r, ratio in _beside_torch(rows, case)]
+            for r, ratio in _beside_reference(rows, case)]
 
 
 def _gram_rows(rows: list[dict]) -> list[dict]:
@@ -129,7 +129,7 @@ def _gram_rows(rows: list[dict]) -> list[dict]:
              "direction": r["direction"], "backend": r["backend"], "rounds": r["rounds"], "median s": r["seconds"],
              "torch / backend": ratio,
              "D·m GB/s": r["gradient_bytes"] / r["seconds"] / 1e9 if r["seconds"] else None}
-            for r, ratio in _beside_torch(rows, case)]
+            for r, ratio in _beside_reference(rows, case)]
 
 
 def _gram_memory_rows(rows: list[dict]) -> list[dict]:
@@ -137,7 +137,7 @@ def _gram_memory_rows(rows: list[dict]) -> list[dict]:
         return 100.0 * part / whole if whole else None
 
     ordered = sorted(rows, key=lambda r: (r["model"], r["D"], r["device"],
-                                          GRAM_BACKEND_ORDER.get(r["backend"], 9), r["method"]))
+                                          BACKEND_ORDER.get(r["backend"], 9), r["method"]))
     return [{"model": r["model"], "D": r["D"], "device": r["device"], "backend": r["backend"],
              "measured by": r["method"], "D·m MB": r["gradient_bytes"] / 2**20,
              "forward extra MB": r["forward_extra_bytes"] / 2**20,
@@ -330,7 +330,8 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                       notes="second order: forward, backward with a graph, and the backward of the squared "
                             "gradients (what an NIO iteration does with each GroupNorm); first order: forward and "
                             "backward. native: F.group_norm; torch: ops.group_norm with its plain twins; cpp: "
-                            "with the extension's fused CPU kernels. 8 groups.")
+                            "with the extension's fused CPU kernels; triton: with the Triton kernels (CUDA). "
+                            "8 groups.")
     if tables.get("samplewise") or tables.get("samplewise_memory"):
         table = _samplewise_rows(tables.get("samplewise", []), tables.get("samplewise_memory", []))
         memory_rows = tables.get("samplewise_memory", [])

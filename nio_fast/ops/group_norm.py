@@ -21,8 +21,7 @@ not yet timed on a GPU.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -121,17 +120,20 @@ def _kernels(x: Tensor, backend: str):
     if backend == "torch":
         return None
     supported = x.dtype in _FUSED_DTYPES
-    cpp = supported and x.device.type == "cpu" and availability.cpp_usable(x.device)
-    triton_ok = supported and _triton_module() is not None and availability.triton_usable(x.device)
-    if backend == "cpp" and not cpp:
-        raise ValueError(f"backend: 'cpp' group_norm kernels need CPU float32/float64 tensors and the built "
-                         f"extension; got {x.dtype} on {x.device}")
-    if backend == "triton" and not triton_ok:
+    if backend != "triton":  # "cpp", or "auto" on the CPU
+        cpp = supported and x.device.type == "cpu" and availability.cpp_usable(x.device)
+        if backend == "cpp" and not cpp:
+            raise ValueError(f"backend: 'cpp' group_norm kernels need CPU float32/float64 tensors and the built "
+                             f"extension; got {x.dtype} on {x.device}")
+        if cpp or x.device.type != "cuda":
+            return availability.extension() if cpp else None
+    # "triton", or "auto" on CUDA: only here is the Triton module imported
+    if supported and availability.triton_usable(x.device) and _triton_module() is not None:
+        return _triton_module()
+    if backend == "triton":
         raise ValueError(f"backend: 'triton' group_norm kernels need float32/float64 CUDA tensors (CPU ones "
                          f"under TRITON_INTERPRET=1) and triton; got {x.dtype} on {x.device}")
-    if backend == "triton" or (backend == "auto" and not cpp and x.device.type == "cuda" and triton_ok):
-        return _triton_module()
-    return availability.extension() if cpp else None
+    return None
 
 
 def _batch_first(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
@@ -260,6 +262,8 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
 
 
 class _FusedGroupNormMode(TorchFunctionMode):
+    """Every ``F.group_norm`` call (so every ``nn.GroupNorm``) inside runs :func:`group_norm`."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.group_norm:
@@ -267,8 +271,7 @@ class _FusedGroupNormMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@contextlib.contextmanager
-def fused_group_norm() -> Iterator[None]:
-    """Every ``F.group_norm`` call (so every ``nn.GroupNorm``) inside runs :func:`group_norm`."""
-    with _FusedGroupNormMode():
-        yield
+def fused_group_norm() -> TorchFunctionMode:
+    """A context manager: every ``F.group_norm`` call (so every ``nn.GroupNorm``) inside runs
+    :func:`group_norm`."""
+    return _FusedGroupNormMode()
