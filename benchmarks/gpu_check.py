@@ -16,7 +16,7 @@ Steps, in order, each recorded whatever the others do:
    against an fp64 reference first: a kernel that is fast and wrong fails here;
 4. gram: ``pytest benchmarks/test_gram.py --benchmark-only`` (tables gram, gram_memory), then
    chunk_reduce: ``pytest benchmarks/test_chunk_reduce.py`` (the sparse chunk reductions against
-   their dense twin, table chunk_reduce), then group_norm: ``pytest benchmarks/test_group_norm.py``
+   their dense twin, table chunk_reduce), then group_norm: ``pytest benchmarks/test_normalization.py -k group_norm``
    (GroupNorm's second-order pass, F.group_norm against ops.group_norm, table group_norm);
 5. torchvision: a NIO iteration on torchvision ResNet-18/50 on the GPU (GPU-only cases; noted
    and skipped where torchvision is missing);
@@ -69,7 +69,7 @@ STEPS = ("build", "tests", "bandwidth", "gram", "chunk_reduce", "group_norm", "t
          "samplewise")
 CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py", "tests/test_ops.py",
                           "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
-                          "tests/test_chunk_reduce.py", "tests/test_group_norm.py",
+                          "tests/test_chunk_reduce.py", "tests/test_group_norm.py", "tests/test_batch_norm.py",
                           "tests/test_triton_group_norm.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one iteration pair (each timing its own steps), D = 16
@@ -434,8 +434,9 @@ def step_chunk_reduce(report, args, log, deadline) -> str:
 
 
 def step_group_norm(report, args, log, deadline) -> str:
-    extra = ["-k", "64x64x8x8"] if args.dry_run else []
-    return run_benchmark_file(report, args, log, deadline, "benchmarks/test_group_norm.py", extra, ("group_norm",))
+    selection = "group_norm and 64x64x8x8" if args.dry_run else "group_norm"
+    return run_benchmark_file(report, args, log, deadline, "benchmarks/test_normalization.py", ["-k", selection],
+                              ("group_norm",))
 
 
 def step_iteration(report, args, log, deadline) -> str:
@@ -616,7 +617,7 @@ def render_markdown(report: dict) -> str:
     for table, title in (("gram", "Gram benchmarks (benchmarks/test_gram.py)"),
                          ("gram_memory", "Gram extra memory (benchmarks/test_gram.py)"),
                          ("chunk_reduce", "Chunk reductions (benchmarks/test_chunk_reduce.py)"),
-                         ("group_norm", "GroupNorm's second-order pass (benchmarks/test_group_norm.py)")):
+                         ("group_norm", "GroupNorm's second-order pass (benchmarks/test_normalization.py)")):
         if table in report:
             lines += ["", f"## {title}", ""] + markdown_table(report[table])
     torchvision = report.get("torchvision")

@@ -100,8 +100,8 @@ def _beside_reference(rows: list[dict], case, reference_backend: str = "torch"):
         yield r, reference / r["seconds"] if reference and r["seconds"] else None
 
 
-def _group_norm_rows(rows: list[dict]) -> list[dict]:
-    """One row per timing, with F.group_norm's median of the same case beside it."""
+def _normalization_rows(rows: list[dict]) -> list[dict]:
+    """One row per timing, with PyTorch's ("native") median of the same case beside it."""
     def case(r):
         return r["shape"], r["device"], r["order"]
 
@@ -323,15 +323,16 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "gradients; W [N, D] the chunks' averaging weights (overlap 0.5: twice the nonzeros). "
                             "torch: dense matmuls; cpp: the extension's sparse kernels. forward+backward: the "
                             "gradient with respect to G or V as well.")
-    if tables.get("group_norm"):
-        table = _group_norm_rows(tables["group_norm"])
-        write_results("group_norm", table, list(table[0]), "GroupNorm: F.group_norm against nio_fast.ops.group_norm "
-                      "(medians of 7)",
-                      notes="second order: forward, backward with a graph, and the backward of the squared "
-                            "gradients (what an NIO iteration does with each GroupNorm); first order: forward and "
-                            "backward. native: F.group_norm; torch: ops.group_norm with its plain twins; cpp: "
-                            "with the extension's fused CPU kernels; triton: with the Triton kernels (CUDA). "
-                            "8 groups.")
+    for name, layer, what in (("group_norm", "GroupNorm", "8 groups."),
+                              ("batch_norm", "BatchNorm", "Batch statistics, no running buffers.")):
+        if tables.get(name):
+            table = _normalization_rows(tables[name])
+            native = f"F.{name}"
+            write_results(name, table, list(table[0]), f"{layer}: {native} against nio_fast.ops.{name} (medians of 7)",
+                          notes="second order: forward, backward with a graph, and the backward of the squared "
+                                f"gradients (what an NIO iteration does with each {layer}); first order: forward "
+                                f"and backward. native: {native}; torch: ops.{name} with its plain twins; cpp: with "
+                                "the extension's fused CPU kernels; triton: with the Triton kernels (CUDA). " + what)
     if tables.get("samplewise") or tables.get("samplewise_memory"):
         table = _samplewise_rows(tables.get("samplewise", []), tables.get("samplewise_memory", []))
         memory_rows = tables.get("samplewise_memory", [])
@@ -345,5 +346,5 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
             _plot_samplewise(table)
     for name, rows in tables.items():
         if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory",
-                        "chunk_reduce", "group_norm") and rows:
+                        "chunk_reduce", "group_norm", "batch_norm") and rows:
             write_results(name, rows, list(rows[0]), name)

@@ -1,8 +1,9 @@
 // Python module nio_fast._C: argument conversion and the GIL only; the work
-// is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp, chunk_reduce.cpp and
-// group_norm.cpp.
+// is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp, chunk_reduce.cpp,
+// group_norm.cpp and batch_norm.cpp.
 #include <torch/extension.h>
 
+#include "batch_norm.h"
 #include "chunk_reduce.h"
 #include "cpu_kernels.h"
 #include "gram_ops.h"
@@ -68,6 +69,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("groups"),
       py::arg("u"), py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
       "VJP of group_norm_backward with cotangents (u, p, q), CPU: (d grad_out, d x, d weight per sample [N, C]).");
+  m.def(
+      "batch_norm_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const std::optional<at::Tensor>& weight) {
+        return nio_fast::batch_norm_backward(grad_out, x, mean, rstd, or_undefined(weight));
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+      py::call_guard<py::gil_scoped_release>(),
+      "BatchNorm backward with batch statistics, CPU: (grad_x, grad_weight [C], grad_bias [C]).");
+  m.def(
+      "batch_norm_double_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& u,
+         const std::optional<at::Tensor>& p, const std::optional<at::Tensor>& q) {
+        return nio_fast::batch_norm_double_backward(grad_out, x, mean, rstd, or_undefined(weight), or_undefined(u),
+                                                    or_undefined(p), or_undefined(q));
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("u"),
+      py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
+      "VJP of batch_norm_backward with cotangents (u, p, q), CPU: (d grad_out, d x, d weight [C]).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").

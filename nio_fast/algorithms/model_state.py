@@ -7,7 +7,8 @@ behaviour with ``track_running_stats=False``; ``F.batch_norm`` then gets no buff
 Attention runs under the math SDPA backend, the only one with a double backward. In a model
 with ``nn.GroupNorm`` layers, ``F.group_norm`` runs ``ops.group_norm``, whose double backward
 is a fused kernel instead of autograd over PyTorch's composite backward (the same values;
-about 1.27x faster NIO iterations on a GroupNorm ResNet-20). A SyncBatchNorm computes the
+about 1.27x faster NIO iterations on a GroupNorm ResNet-20); with BatchNorm layers,
+``F.batch_norm`` runs ``ops.batch_norm`` likewise. A SyncBatchNorm computes the
 statistics of its own rank's samples, like a BatchNorm: its synchronised forward has no double
 backward (and runs only on GPUs).
 """
@@ -22,7 +23,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.group_norm import fused_group_norm
+from ..ops.fused_norms import fused_norms
 
 
 _MISSING = object()
@@ -39,8 +40,8 @@ def couples_samples(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def nio_modes(model: nn.Module) -> Iterator[None]:
-    """Eval mode, BatchNorm on batch statistics, math attention, fused GroupNorm; every flag restored
-    on exit."""
+    """Eval mode, BatchNorm on batch statistics, math attention, fused GroupNorm and BatchNorm; every
+    flag restored on exit."""
     training = [(module, module.training) for module in model.modules()]
     tracking = [(layer, layer.track_running_stats) for layer in batch_norm_layers(model)]
     synced = [(layer, layer.__dict__.get("forward", _MISSING)) for layer, _ in tracking
@@ -52,10 +53,11 @@ def nio_modes(model: nn.Module) -> Iterator[None]:
             layer.track_running_stats = False
         for layer, _ in synced:  # per-rank statistics: the synchronised forward has no double backward
             layer.forward = types.MethodType(_BatchNorm.forward, layer)
-        # Only where nn.GroupNorm layers are: the mode sees every torch call (1.7 us each on torch.add).
-        group_norm = fused_group_norm() if any(isinstance(m, nn.GroupNorm) for m in model.modules()) \
-            else contextlib.nullcontext()
-        with sdpa_kernel(SDPBackend.MATH), group_norm:
+        # Only where such layers are: the mode sees every torch call (1.7 us each on torch.add).
+        has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
+        norms = fused_norms(group_norm_calls=has_group_norm, batch_norm_calls=bool(tracking)) \
+            if has_group_norm or tracking else contextlib.nullcontext()
+        with sdpa_kernel(SDPBackend.MATH), norms:
             yield
     finally:
         for module, was_training in training:

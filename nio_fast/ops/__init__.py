@@ -1,6 +1,6 @@
 """Differentiable ops behind GradCosine: the fused Gram, its cosine terms, per-tensor dots, the
-per-sample Grams of layer factors and their chunk reductions, GroupNorm with a fused double
-backward."""
+per-sample Grams of layer factors and their chunk reductions, GroupNorm and BatchNorm with fused
+double backwards."""
 from .cosine import CosineTerms, gradcosine_from_gram
 from .dots import tensor_dots, tensor_dots_reference
 from .chunk_reduce import (ChunkWeighting, chunk_gram, chunk_gram_reference, chunk_sums, chunk_sums_reference,
@@ -8,13 +8,14 @@ from .chunk_reduce import (ChunkWeighting, chunk_gram, chunk_gram_reference, chu
 from .factor_gram import (OuterGramCost, embedding_gram, embedding_gram_reference, outer_gram, outer_gram_cost,
                           outer_gram_reference, outer_gram_route)
 from .gram import as_grad_table, gram, gram_reference
-from .group_norm import (fused_group_norm, group_norm, group_norm_backward_reference,
-                         group_norm_double_backward_reference)
+from .batch_norm import batch_norm, batch_norm_backward_reference, batch_norm_double_backward_reference
+from .fused_norms import fused_norms
+from .group_norm import group_norm, group_norm_backward_reference, group_norm_double_backward_reference
 
 __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine_from_gram",
            "tensor_dots", "tensor_dots_reference",
            "ChunkWeighting", "chunk_gram", "chunk_gram_reference", "chunk_sums", "chunk_sums_reference",
            "chunk_weights", "OuterGramCost", "embedding_gram", "embedding_gram_reference",
            "outer_gram", "outer_gram_cost", "outer_gram_reference", "outer_gram_route",
-           "fused_group_norm", "group_norm", "group_norm_backward_reference",
-           "group_norm_double_backward_reference"]
+           "fused_norms", "group_norm", "group_norm_backward_reference", "group_norm_double_backward_reference",
+           "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference"]

@@ -26,7 +26,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
-from torch.overrides import TorchFunctionMode
 
 from .. import availability
 
@@ -259,19 +258,3 @@ def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, 
         # 0.3-0.4x PyTorch's speed (benchmarks/results/group_norm.md).
         return F.group_norm(input, num_groups, weight, bias, eps)
     return _GroupNorm.apply(input, weight, bias, num_groups, eps, backend)[0]
-
-
-class _FusedGroupNormMode(TorchFunctionMode):
-    """Every ``F.group_norm`` call (so every ``nn.GroupNorm``) inside runs :func:`group_norm`."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.group_norm:
-            return group_norm(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def fused_group_norm() -> TorchFunctionMode:
-    """A context manager: every ``F.group_norm`` call (so every ``nn.GroupNorm``) inside runs
-    :func:`group_norm`."""
-    return _FusedGroupNormMode()

@@ -1,0 +1,213 @@
+// BatchNorm backward and double backward with batch statistics, CPU (see
+// batch_norm.h). One task per channel; pass 1 sums over the channel's N rows of
+// HW elements (vectorised within a row, accumulated in double across rows),
+// pass 2 writes the outputs. It is GroupNorm's algebra (group_norm.cpp) with a
+// group of M = N * HW elements per channel and one gamma for all of them:
+// x_hat = (x - mean) r, a = gamma gy, P(z) = z - mean(z) - x_hat mean(x_hat z):
+//   grad_x   = r P(a),  grad_weight = sum gy x_hat,  grad_bias = sum gy
+//   VJP with (u, p, q):
+//   d gy     = gamma r P(u) + p x_hat + q
+//   d weight = sum r P(u) gy
+//   d x      = r P(w) - t r^2 x_hat,  w = -r (u mean(a x_hat) + a mean(u x_hat)) + p gy,
+//              t = mean(u P(a))
+#include "batch_norm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+namespace nio_fast {
+namespace {
+
+struct ChannelShape {
+  int64_t n, c, hw;
+};
+
+ChannelShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
+                          const at::Tensor& rstd, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(x.dim() >= 2, fn, ": x must be [N, C, *], got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, fn,
+                   ": expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": CPU tensors only, got ", x.device());
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK_VALUE(n > 0, fn, ": x has no samples");
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), fn, ": grad_out has shape ", grad_out.sizes(), ", x ",
+                    x.sizes());
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK_VALUE(t->numel() == c, fn, ": mean and rstd must have C = ", c, " elements, got ", t->numel());
+  }
+  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), fn, ": every input must have x's dtype ",
+                     x.scalar_type(), ", got ", t->scalar_type());
+  }
+  if (weight.defined()) {
+    TORCH_CHECK_VALUE(weight.numel() == c && weight.scalar_type() == x.scalar_type(), fn,
+                      ": weight must hold C = ", c, " values of x's dtype, got ", weight.sizes(), " ",
+                      weight.scalar_type());
+  }
+  const int64_t hw = c == 0 ? 0 : x.numel() / (n * c);
+  return {n, c, hw};
+}
+
+at::Tensor contiguous_or_undefined(const at::Tensor& t) { return t.defined() ? t.contiguous() : t; }
+
+template <typename T>
+const T* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+void backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* mean, const T* rstd, const T* gamma,
+                     T* gx, T* gw, T* gb) {
+  const int64_t hw = s.hw;
+  const double m = static_cast<double>(s.n * hw);
+  at::parallel_for(0, s.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t channel = begin; channel < end; ++channel) {
+      const T mu = mean[channel], r = rstd[channel];
+      double sum_gy = 0, sum_gy_d = 0;
+      for (int64_t sample = 0; sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+        T s_gy = 0, s_gy_d = 0;
+#pragma omp simd reduction(+ : s_gy, s_gy_d)
+        for (int64_t i = 0; i < hw; ++i) {
+          s_gy += gy[row + i];
+          s_gy_d += gy[row + i] * (x[row + i] - mu);
+        }
+        sum_gy += s_gy;
+        sum_gy_d += s_gy_d;
+      }
+      const double g = gamma ? gamma[channel] : 1.0;
+      gb[channel] = static_cast<T>(sum_gy);
+      gw[channel] = static_cast<T>(r * sum_gy_d);
+      const T mean_a = static_cast<T>(g * sum_gy / m), mean_a_xhat = static_cast<T>(g * r * sum_gy_d / m);
+      const T gt = static_cast<T>(g);
+      for (int64_t sample = 0; sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) {
+          const T xhat = (x[row + i] - mu) * r;
+          gx[row + i] = r * (gt * gy[row + i] - mean_a - xhat * mean_a_xhat);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void double_backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* mean, const T* rstd,
+                            const T* gamma, const T* u, const T* p, const T* q, T* d_gy, T* d_x, T* d_w) {
+  const int64_t hw = s.hw;
+  const double m = static_cast<double>(s.n * hw);
+  at::parallel_for(0, s.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t channel = begin; channel < end; ++channel) {
+      const T mu = mean[channel];
+      const double r = rstd[channel];
+      double sum_gy = 0, sum_gy_d = 0, sum_u = 0, sum_u_d = 0, sum_u_gy = 0;
+      for (int64_t sample = 0; sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+        T s_gy = 0, s_gy_d = 0, s_u = 0, s_u_d = 0, s_u_gy = 0;
+        if (u) {
+#pragma omp simd reduction(+ : s_gy, s_gy_d, s_u, s_u_d, s_u_gy)
+          for (int64_t i = 0; i < hw; ++i) {
+            const T d = x[row + i] - mu;
+            s_gy += gy[row + i];
+            s_gy_d += gy[row + i] * d;
+            s_u += u[row + i];
+            s_u_d += u[row + i] * d;
+            s_u_gy += u[row + i] * gy[row + i];
+          }
+        } else {
+#pragma omp simd reduction(+ : s_gy, s_gy_d)
+          for (int64_t i = 0; i < hw; ++i) {
+            s_gy += gy[row + i];
+            s_gy_d += gy[row + i] * (x[row + i] - mu);
+          }
+        }
+        sum_gy += s_gy;
+        sum_gy_d += s_gy_d;
+        sum_u += s_u;
+        sum_u_d += s_u_d;
+        sum_u_gy += s_u_gy;
+      }
+      const double g = gamma ? gamma[channel] : 1.0, pc = p ? p[channel] : 0.0, qc = q ? q[channel] : 0.0;
+      const double mean_a = g * sum_gy / m, mean_a_xhat = g * r * sum_gy_d / m, mean_u = sum_u / m,
+                   mean_u_xhat = r * sum_u_d / m, mean_u_a = g * sum_u_gy / m;
+      const double t = mean_u_a - mean_u * mean_a - mean_u_xhat * mean_a_xhat;
+      const double mean_w = -r * (mean_u * mean_a_xhat + mean_a * mean_u_xhat) + pc * sum_gy / m;
+      const double mean_w_xhat = -2.0 * r * mean_u_xhat * mean_a_xhat + pc * r * sum_gy_d / m;
+      d_w[channel] = static_cast<T>(r * (sum_u_gy - mean_u * sum_gy - mean_u_xhat * r * sum_gy_d));
+      // Per element, in T: coefficients of u, gy, x_hat and a constant.
+      const T rt = static_cast<T>(r), mu_u = static_cast<T>(mean_u), mu_ux = static_cast<T>(mean_u_xhat);
+      const T gy_xhat = static_cast<T>(pc), gy_const = static_cast<T>(qc), gy_r_gamma = static_cast<T>(g * r);
+      const T w_u = static_cast<T>(-r * mean_a_xhat), w_gy = static_cast<T>(-r * g * mean_u_xhat + pc);
+      const T w_const = static_cast<T>(-mean_w), w_xhat = static_cast<T>(-mean_w_xhat - t * r);
+      for (int64_t sample = 0; sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+        if (u) {
+#pragma omp simd
+          for (int64_t i = 0; i < hw; ++i) {
+            const T xhat = (x[row + i] - mu) * rt;
+            d_gy[row + i] = gy_r_gamma * (u[row + i] - mu_u - xhat * mu_ux) + gy_xhat * xhat + gy_const;
+            d_x[row + i] = rt * (w_u * u[row + i] + w_gy * gy[row + i] + w_const + w_xhat * xhat);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < hw; ++i) {
+            const T xhat = (x[row + i] - mu) * rt;
+            d_gy[row + i] = gy_r_gamma * (-mu_u - xhat * mu_ux) + gy_xhat * xhat + gy_const;
+            d_x[row + i] = rt * (w_gy * gy[row + i] + w_const + w_xhat * xhat);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const at::Tensor& weight) {
+  const ChannelShape s = check_inputs("batch_norm_backward", grad_out, x, mean, rstd, weight);
+  const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
+  const at::Tensor gamma = contiguous_or_undefined(weight);
+  at::Tensor gx = at::empty_like(xc), gw = at::empty({s.c}, xc.options()), gb = at::empty({s.c}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_backward", [&] {
+    backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
+                              r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma), gx.data_ptr<scalar_t>(),
+                              gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
+  });
+  return {gx, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const at::Tensor& weight, const at::Tensor& u, const at::Tensor& p, const at::Tensor& q) {
+  const ChannelShape s = check_inputs("batch_norm_double_backward", grad_out, x, mean, rstd, weight);
+  if (u.defined()) {
+    TORCH_CHECK_VALUE(u.sizes() == x.sizes() && u.scalar_type() == x.scalar_type(),
+                      "batch_norm_double_backward: u must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
+                      u.sizes(), " ", u.scalar_type());
+  }
+  for (const at::Tensor* t : {&p, &q}) {
+    if (t->defined()) {
+      TORCH_CHECK_VALUE(t->numel() == s.c && t->scalar_type() == x.scalar_type(),
+                        "batch_norm_double_backward: p and q must hold C = ", s.c, " values of x's dtype, got ",
+                        t->sizes(), " ", t->scalar_type());
+    }
+  }
+  const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
+  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
+                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q);
+  at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.c}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_double_backward", [&] {
+    double_backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
+                                     r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma),
+                                     data_or_null<scalar_t>(uc), data_or_null<scalar_t>(pc),
+                                     data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+                                     d_w.data_ptr<scalar_t>());
+  });
+  return {d_gy, d_x, d_w};
+}
+
+}  // namespace nio_fast

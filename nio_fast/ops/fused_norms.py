@@ -1,0 +1,35 @@
+"""Routing a model's normalisation calls to the ops with fused double backwards, for the span of
+a ``with`` block (NIO's modes enter it; nothing in the model changes)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .batch_norm import batch_norm
+from .group_norm import group_norm
+
+
+class _RoutedCalls(TorchFunctionMode):
+    """Every call of a function in ``routes`` inside runs its replacement (same arguments)."""
+
+    def __init__(self, routes: dict[Callable, Callable]):
+        super().__init__()
+        self.routes = routes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return self.routes.get(func, func)(*args, **(kwargs or {}))
+
+
+def fused_norms(*, group_norm_calls: bool = True, batch_norm_calls: bool = True) -> TorchFunctionMode:
+    """A context manager: inside, ``F.group_norm`` (so every ``nn.GroupNorm``) runs
+    :func:`~nio_fast.ops.group_norm` and ``F.batch_norm`` (every ``nn.BatchNorm*``) runs
+    :func:`~nio_fast.ops.batch_norm`, each where asked. Same values; the mode sees every torch call
+    (1.7 us each on torch.add, 2-core CPU), so callers ask only for the layers a model has."""
+    routes = {}
+    if group_norm_calls:
+        routes[F.group_norm] = group_norm
+    if batch_norm_calls:
+        routes[F.batch_norm] = batch_norm
+    return _RoutedCalls(routes)
