@@ -89,6 +89,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("u"),
       py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
       "VJP of batch_norm_backward with cotangents (u, p, q), CPU: (d grad_out, d x, d weight [C]).");
+  m.def(
+      "batch_norm_double_backward_from_grad_x",
+      [](const at::Tensor& grad_x, const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& x,
+         const at::Tensor& mean, const at::Tensor& rstd, const std::optional<at::Tensor>& weight,
+         const std::optional<at::Tensor>& u, const std::optional<at::Tensor>& p, const std::optional<at::Tensor>& q) {
+        return nio_fast::batch_norm_double_backward_from_grad_x(grad_x, grad_weight, grad_bias, x, mean, rstd,
+                                                                or_undefined(weight), or_undefined(u),
+                                                                or_undefined(p), or_undefined(q));
+      },
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"), py::arg("x"), py::arg("mean"),
+      py::arg("rstd"), py::arg("weight"), py::arg("u"), py::arg("p"), py::arg("q"),
+      py::call_guard<py::gil_scoped_release>(),
+      "batch_norm_double_backward with grad_out rebuilt from the backward's outputs (weight without zeros).");
+  m.def(
+      "batch_norm_gamma_has_no_zero",
+      [](const std::optional<at::Tensor>& weight) { return nio_fast::gamma_has_no_zero(or_undefined(weight)); },
+      py::arg("weight"), "Whether batch_norm_double_backward_from_grad_x can rebuild grad_out (CPU read).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").

@@ -202,3 +202,78 @@ def test_cuda_twins_second_order_equal_f_batch_norm(dtype):
                           cotangent)
     for mine, expected in zip(ours, theirs):
         assert_near(mine, expected, dtype)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward_from_grad_x_equals_the_twin(dtype, shape, affine):
+    gen = torch.Generator().manual_seed(shape[1] * 5 + len(shape))
+    x, weight, _ = inputs(shape, dtype, gen, affine)
+    mean, rstd = statistics(x)
+    grad_out = random(shape, dtype, gen)
+    kernels = availability.extension()
+    grad_x, grad_weight, grad_bias = kernels.batch_norm_backward(grad_out, x, mean, rstd, weight)
+    for present in ("upq", "u", "pq", ""):
+        u, p, q = cotangents(shape, dtype, gen, present)
+        ours = kernels.batch_norm_double_backward_from_grad_x(grad_x, grad_weight, grad_bias, x, mean, rstd, weight,
+                                                              u, p, q)
+        for mine, theirs in zip(ours, ops.batch_norm_double_backward_reference(grad_out, x, weight, 1e-5, u, p, q)):
+            assert_near(mine, theirs, dtype)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_second_order_only_keeps_no_grad_out_and_matches_f_batch_norm_to_second_order(dtype, shape):
+    gen = torch.Generator().manual_seed(23 + shape[1])
+    x, weight, bias = inputs(shape, dtype, gen)
+    cotangent = random(shape, dtype, gen)
+    ours = second_order(lambda *t: ops.batch_norm(t[0], None, None, *t[1:], training=True, second_order_only=True),
+                        x, weight, bias, cotangent)
+    theirs = second_order(lambda *t: F.batch_norm(t[0], None, None, *t[1:], training=True), x, weight, bias,
+                          cotangent)
+    for mine, expected in zip(ours, theirs):
+        assert_near(mine, expected, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    grad_x = torch.autograd.grad(ops.batch_norm(leaves[0], None, None, *leaves[1:], training=True,
+                                                second_order_only=True), leaves, cotangent, create_graph=True)[0]
+    node = grad_x.grad_fn  # the backward's own node: what it keeps
+    assert node.rebuild_grad_out
+    assert not any(t.data_ptr() == cotangent.data_ptr() for t in node.saved_tensors)
+    with pytest.raises(RuntimeError, match="second_order_only=True keeps no grad_out, so it has no third"):
+        torch.autograd.grad((grad_x * grad_x).sum(), leaves, create_graph=True)
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the extension is not built")
+def test_second_order_only_keeps_grad_out_where_gamma_has_a_zero():
+    gen = torch.Generator().manual_seed(29)
+    x, weight, bias = inputs((4, 3, 5), torch.float64, gen)
+    weight[1] = 0.0  # a zero-initialised gamma: grad_x carries nothing of grad_out there
+    cotangent = random((4, 3, 5), torch.float64, gen)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    grad_x = torch.autograd.grad(ops.batch_norm(leaves[0], None, None, *leaves[1:], training=True,
+                                                second_order_only=True), leaves[0], cotangent, create_graph=True)[0]
+    assert not grad_x.grad_fn.rebuild_grad_out
+    ours = second_order(lambda *t: ops.batch_norm(t[0], None, None, *t[1:], training=True, second_order_only=True),
+                        x, weight, bias, cotangent)
+    theirs = second_order(lambda *t: F.batch_norm(t[0], None, None, *t[1:], training=True), x, weight, bias,
+                          cotangent)
+    for mine, expected in zip(ours, theirs):
+        assert_near(mine, expected, torch.float64)
+    mean, rstd = statistics(x)
+    with pytest.raises(ValueError, match="grad_out cannot be rebuilt where weight is zero"):
+        availability.extension().batch_norm_double_backward_from_grad_x(x, weight, weight, x, mean, rstd, weight,
+                                                                        None, None, None)
+
+
+def test_nio_iterations_run_batch_norm_second_order_only():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    x = torch.randn(3, 3, 6, 6)
+    for second_order_only in (False, True):
+        with nio_modes(model, second_order_only=second_order_only):
+            out = model(x)
+        grad = torch.autograd.grad(out.square().sum(), model[1].weight, create_graph=True)[0]
+        if "cpp" in BACKENDS:
+            assert grad.grad_fn.rebuild_grad_out is second_order_only

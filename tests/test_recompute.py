@@ -59,7 +59,7 @@ class NoisyCNN(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
-def test_recompute_replays_the_forward_randomness():
+def test_recompute_keeps_the_forward_randomness():
     inputs, targets = batch_for("bn_cnn", 10)
     model = NoisyCNN().double()
     torch.manual_seed(7)

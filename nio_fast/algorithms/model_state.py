@@ -39,9 +39,10 @@ def couples_samples(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def nio_modes(model: nn.Module) -> Iterator[None]:
+def nio_modes(model: nn.Module, second_order_only: bool = False) -> Iterator[None]:
     """Eval mode, BatchNorm on batch statistics, math attention, fused GroupNorm and BatchNorm; every
-    flag restored on exit."""
+    flag restored on exit. ``second_order_only``: nothing inside takes a third derivative, so
+    BatchNorm graphs may keep less (``ops.batch_norm``)."""
     training = [(module, module.training) for module in model.modules()]
     tracking = [(layer, layer.track_running_stats) for layer in batch_norm_layers(model)]
     synced = [(layer, layer.__dict__.get("forward", _MISSING)) for layer, _ in tracking
@@ -55,8 +56,9 @@ def nio_modes(model: nn.Module) -> Iterator[None]:
             layer.forward = types.MethodType(_BatchNorm.forward, layer)
         # Only where such layers are: the mode sees every torch call (1.7 us each on torch.add).
         has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
-        norms = fused_norms(group_norm_calls=has_group_norm, batch_norm_calls=bool(tracking)) \
-            if has_group_norm or tracking else contextlib.nullcontext()
+        norms = fused_norms(group_norm_calls=has_group_norm, batch_norm_calls=bool(tracking),
+                            second_order_only=second_order_only) if has_group_norm or tracking \
+            else contextlib.nullcontext()
         with sdpa_kernel(SDPBackend.MATH), norms:
             yield
     finally:

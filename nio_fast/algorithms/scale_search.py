@@ -86,7 +86,7 @@ def run_scale_search(method: str, model: nn.Module, names: Sequence[str], params
     report = InitReport(method=method, settings=settings)
     bar = tqdm(total=iters, desc=f"nio_fast {method}", disable=not progress, leave=False)
     try:
-        with nio_modes(model):
+        with nio_modes(model, second_order_only=True):  # NIO and GradInit: gradients of gradients, no more
             for index in range(iters):
                 outcome, grads, flags = _scale_gradients(iteration, index, initial, distributed)
                 proposal = optimizer.propose(grads, outcome.kind)

@@ -8,6 +8,14 @@ D = 4 (2-core CPU, torch.profiler) it was 53% of the iteration. Here the backwar
 kernel of the extension (``csrc/batch_norm.cpp``) and its derivative a second one (statistics
 pass, output pass), both autograd Functions; a backward without a graph runs PyTorch's own.
 
+With ``second_order_only=True`` (NIO's iterations) the backward's graph keeps no ``grad_out``:
+the double backward rebuilds it per element from the backward's own outputs, ``grad_x`` (which
+the convolution before the BatchNorm keeps anyway) and the affine gradients (the chunk
+gradients, kept anyway): ``gy = gx / (r gamma) + gb / M + x_hat gw / M``. That halves what each
+chunk's graph adds in NIO's exact mode (a BatchNorm ResNet-20: 46 of 95 MB per chunk at batch
+64). It needs a gamma without zeros (else ``grad_out`` is kept, as without the flag) and gives up
+third derivatives (they raise).
+
 Only the calls NIO makes are routed: training behaviour without running buffers
 (``F.batch_norm(x, None, None, weight, bias, training=True)``), float32 / float64 on the CPU,
 outside torch.func transforms. Everything else is ``F.batch_norm`` itself (CUDA included: no
@@ -84,15 +92,15 @@ class _BatchNorm(Function):
     :class:`_BatchNormBackward` when a graph is built."""
 
     @staticmethod
-    def forward(x, weight, bias, eps, backend):
+    def forward(x, weight, bias, eps, backend, second_order_only):
         return torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, _, eps, backend = inputs
+        x, weight, _, eps, backend, second_order_only = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, mean, rstd)
-        ctx.eps, ctx.backend = eps, backend
+        ctx.eps, ctx.backend, ctx.second_order_only = eps, backend, second_order_only
         ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
@@ -104,16 +112,16 @@ class _BatchNorm(Function):
                 grad_out, x, weight, None, None, mean, rstd, True, ctx.eps, [needs[0], needs[1], needs[2]])
         else:
             grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean, rstd, ctx.eps,
-                                                                      ctx.backend)
+                                                                      ctx.backend, ctx.second_order_only)
         return (grad_x if needs[0] else None, grad_weight if needs[1] else None,
-                grad_bias if needs[2] else None, None, None)
+                grad_bias if needs[2] else None, None, None, None)
 
 
 class _BatchNormBackward(Function):
     """(grad_x, grad_weight [C], grad_bias [C]) with a fused derivative."""
 
     @staticmethod
-    def forward(grad_out, x, weight, mean, rstd, eps, backend):
+    def forward(grad_out, x, weight, mean, rstd, eps, backend, second_order_only):
         kernels = _kernels(x, backend)
         if kernels is not None:
             return kernels.batch_norm_backward(grad_out, x, mean, rstd, weight)
@@ -121,30 +129,43 @@ class _BatchNormBackward(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        grad_out, x, weight, mean, rstd, eps, backend = inputs
-        ctx.save_for_backward(grad_out, x, weight, mean, rstd)
+        grad_out, x, weight, mean, rstd, eps, backend, second_order_only = inputs
+        kernels = _kernels(x, backend)
+        ctx.rebuild_grad_out = (second_order_only and kernels is not None
+                                and kernels.batch_norm_gamma_has_no_zero(weight))
+        # Rebuilding: the outputs instead of grad_out (grad_x is what the layer before keeps anyway).
+        ctx.save_for_backward(*(output if ctx.rebuild_grad_out else (grad_out,)), x, weight, mean, rstd)
         ctx.eps, ctx.backend = eps, backend
 
     @staticmethod
     def backward(ctx, u, p, q):
-        grad_out, x, weight, mean, rstd = ctx.saved_tensors
+        *kept, x, weight, mean, rstd = ctx.saved_tensors
         kernels = _kernels(x, ctx.backend)
-        if kernels is not None and not torch.is_grad_enabled():
-            d_grad_out, d_x, d_weight = kernels.batch_norm_double_backward(grad_out, x, mean, rstd, weight, u, p, q)
+        if ctx.rebuild_grad_out:
+            if torch.is_grad_enabled():
+                raise RuntimeError("nio_fast batch_norm: second_order_only=True keeps no grad_out, so it has no "
+                                   "third derivative; call ops.batch_norm without it")
+            d_grad_out, d_x, d_weight = kernels.batch_norm_double_backward_from_grad_x(*kept, x, mean, rstd, weight,
+                                                                                       u, p, q)
+        elif kernels is not None and not torch.is_grad_enabled():
+            d_grad_out, d_x, d_weight = kernels.batch_norm_double_backward(kept[0], x, mean, rstd, weight, u, p, q)
         else:  # the twins: no kernel here, or a graph to build for a third derivative
-            d_grad_out, d_x, d_weight = batch_norm_double_backward_reference(grad_out, x, weight, ctx.eps, u, p, q)
-        return d_grad_out, d_x, d_weight if ctx.needs_input_grad[2] else None, None, None, None, None
+            d_grad_out, d_x, d_weight = batch_norm_double_backward_reference(kept[0], x, weight, ctx.eps, u, p, q)
+        return d_grad_out, d_x, d_weight if ctx.needs_input_grad[2] else None, None, None, None, None, None
 
 
 def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, *, backend: str = "auto",
+               second_order_only: bool = False) -> Tensor:
     """``F.batch_norm`` (same arguments, same values) whose batch-statistics case without running
     buffers has the fused backward and double backward of this module.
 
     ``backend``: ``"cpp"`` (the extension's CPU kernels), ``"torch"`` (the plain twins) or
     ``"auto"`` (cpp for CPU float32/float64 tensors, else ``F.batch_norm`` itself).
     A backward without a graph (first order) runs PyTorch's fused kernel in any case.
+    ``second_order_only``: the backward's graph keeps no ``grad_out`` where the cpp kernels can
+    rebuild it (module docstring); a third derivative then raises.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -153,4 +174,4 @@ def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
               and not torch._C._are_functorch_transforms_active())
     if not routed or (backend != "torch" and _kernels(input, backend) is None):
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    return _BatchNorm.apply(input, weight, bias, eps, backend)[0]
+    return _BatchNorm.apply(input, weight, bias, eps, backend, second_order_only)[0]

@@ -2,6 +2,7 @@
 a ``with`` block (NIO's modes enter it; nothing in the model changes)."""
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch.nn.functional as F
@@ -22,14 +23,17 @@ class _RoutedCalls(TorchFunctionMode):
         return self.routes.get(func, func)(*args, **(kwargs or {}))
 
 
-def fused_norms(*, group_norm_calls: bool = True, batch_norm_calls: bool = True) -> TorchFunctionMode:
+def fused_norms(*, group_norm_calls: bool = True, batch_norm_calls: bool = True,
+                second_order_only: bool = False) -> TorchFunctionMode:
     """A context manager: inside, ``F.group_norm`` (so every ``nn.GroupNorm``) runs
     :func:`~nio_fast.ops.group_norm` and ``F.batch_norm`` (every ``nn.BatchNorm*``) runs
     :func:`~nio_fast.ops.batch_norm`, each where asked. Same values; the mode sees every torch call
-    (1.7 us each on torch.add, 2-core CPU), so callers ask only for the layers a model has."""
+    (1.7 us each on torch.add, 2-core CPU), so callers ask only for the layers a model has.
+    ``second_order_only``: BatchNorm graphs keep no ``grad_out`` (``ops.batch_norm``), for
+    callers that never take a third derivative (NIO's iterations)."""
     routes = {}
     if group_norm_calls:
         routes[F.group_norm] = group_norm
     if batch_norm_calls:
-        routes[F.batch_norm] = batch_norm
+        routes[F.batch_norm] = functools.partial(batch_norm, second_order_only=second_order_only)
     return _RoutedCalls(routes)
