@@ -324,7 +324,8 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "torch: dense matmuls; cpp: the extension's sparse kernels. forward+backward: the "
                             "gradient with respect to G or V as well.")
     for name, layer, what in (("group_norm", "GroupNorm", "8 groups."),
-                              ("batch_norm", "BatchNorm", "Batch statistics, no running buffers.")):
+                              ("batch_norm", "BatchNorm", "Batch statistics, no running buffers."),
+                              ("layer_norm", "LayerNorm", "Normalised over the last axis (features).")):
         if tables.get(name):
             table = _normalization_rows(tables[name])
             native = f"F.{name}"
@@ -346,5 +347,5 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
             _plot_samplewise(table)
     for name, rows in tables.items():
         if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory",
-                        "chunk_reduce", "group_norm", "batch_norm") and rows:
+                        "chunk_reduce", "group_norm", "batch_norm", "layer_norm") and rows:
             write_results(name, rows, list(rows[0]), name)

@@ -1,13 +1,14 @@
-"""Seconds of GroupNorm and BatchNorm through NIO's second-order pass: PyTorch's ("native":
-``F.group_norm`` / ``F.batch_norm`` with batch statistics, autograd over their backward for the
-double backward) against ``ops.group_norm`` / ``ops.batch_norm`` with their plain twins
-("torch") and with their fused kernels ("cpp": the extension's, on the CPU; "triton": GroupNorm
-on CUDA), in one run side by side.
+"""Seconds of GroupNorm, BatchNorm and LayerNorm through NIO's second-order pass: PyTorch's
+("native": ``F.group_norm`` / ``F.batch_norm`` with batch statistics / ``F.layer_norm``, autograd
+over their backward for the double backward) against ``ops.group_norm`` / ``ops.batch_norm`` /
+``ops.layer_norm`` with their plain twins ("torch") and with their fused kernels ("cpp": the
+extension's, on the CPU; "triton": GroupNorm on CUDA), in one run side by side.
 
 "second order" is what an NIO iteration does with every normalisation layer: forward, backward
 with a graph, and the backward of a function of that gradient; "first order" is a training
 step's forward and backward. Shapes are the ResNet-20's three stages at batch 64 (GroupNorm: 8
-groups). Rows go to tables "group_norm" and "batch_norm"; benchmarks/report.py adds
+groups) and, for LayerNorm, the small ViT's tokens at batch 64 and a ViT-B/16's at batch 8.
+Rows go to tables "group_norm", "batch_norm" and "layer_norm"; benchmarks/report.py adds
 native / backend.
 """
 from __future__ import annotations
@@ -23,8 +24,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPP = DEVICE.type == "cpu" and availability.cpp_usable(DEVICE)
 GROUP_NORM_BACKENDS = ["native", "torch"] + [name for name, usable in (
     ("cpp", CPP), ("triton", DEVICE.type == "cuda" and availability.triton_usable(DEVICE))) if usable]
-BATCH_NORM_BACKENDS = ["native", "torch"] + (["cpp"] if CPP else [])
+BATCH_NORM_BACKENDS = LAYER_NORM_BACKENDS = ["native", "torch"] + (["cpp"] if CPP else [])
 SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]
+TOKEN_SHAPES = [(64, 64, 64), (8, 197, 768)]  # [batch, tokens, features], normalised over features
 ORDERS = ("first order", "second order")
 SHAPE_IDS = {"ids": lambda shape: "x".join(map(str, shape))}
 
@@ -41,10 +43,16 @@ def _batch_norm(backend: str):
     return lambda x, weight, bias: ops.batch_norm(x, None, None, weight, bias, training=True, backend=backend)
 
 
-def _time(benchmark, record, table, norm, shape, backend, order):
+def _layer_norm(backend: str):
+    if backend == "native":
+        return lambda x, weight, bias: F.layer_norm(x, weight.shape, weight, bias)
+    return lambda x, weight, bias: ops.layer_norm(x, weight.shape, weight, bias, backend=backend)
+
+
+def _time(benchmark, record, table, norm, shape, backend, order, affine_size=None):
     generator = torch.Generator().manual_seed(shape[1])
     x, cotangent = (torch.randn(shape, generator=generator).to(DEVICE) for _ in range(2))
-    weight, bias = (torch.randn(shape[1], generator=generator).to(DEVICE) for _ in range(2))
+    weight, bias = (torch.randn(affine_size or shape[1], generator=generator).to(DEVICE) for _ in range(2))
     leaves = [t.requires_grad_() for t in (x, weight, bias)]
 
     def call():
@@ -71,3 +79,10 @@ def test_group_norm(benchmark, record, shape, backend, order):
 @pytest.mark.parametrize("shape", SHAPES, **SHAPE_IDS)
 def test_batch_norm(benchmark, record, shape, backend, order):
     _time(benchmark, record, "batch_norm", _batch_norm(backend), shape, backend, order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("backend", LAYER_NORM_BACKENDS)
+@pytest.mark.parametrize("shape", TOKEN_SHAPES, **SHAPE_IDS)
+def test_layer_norm(benchmark, record, shape, backend, order):
+    _time(benchmark, record, "layer_norm", _layer_norm(backend), shape, backend, order, affine_size=shape[-1])

@@ -1,6 +1,6 @@
 // Python module nio_fast._C: argument conversion and the GIL only; the work
 // is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp, chunk_reduce.cpp,
-// group_norm.cpp and batch_norm.cpp.
+// group_norm.cpp, batch_norm.cpp and layer_norm.cpp.
 #include <torch/extension.h>
 
 #include "batch_norm.h"
@@ -8,6 +8,7 @@
 #include "cpu_kernels.h"
 #include "gram_ops.h"
 #include "group_norm.h"
+#include "layer_norm.h"
 #include "tensor_dots.h"
 #include "work_table.h"
 
@@ -106,6 +107,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "batch_norm_gamma_has_no_zero",
       [](const std::optional<at::Tensor>& weight) { return nio_fast::gamma_has_no_zero(or_undefined(weight)); },
       py::arg("weight"), "Whether batch_norm_double_backward_from_grad_x can rebuild grad_out (CPU read).");
+  m.def(
+      "layer_norm_double_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& u,
+         const std::optional<at::Tensor>& p, const std::optional<at::Tensor>& q) {
+        return nio_fast::layer_norm_double_backward(grad_out, x, mean, rstd, or_undefined(weight), or_undefined(u),
+                                                    or_undefined(p), or_undefined(q));
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("u"),
+      py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
+      "VJP of LayerNorm's backward on [R, E] rows with cotangents (u, p, q), CPU: (d grad_out, d x, d weight [E]).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").

@@ -7,8 +7,8 @@ behaviour with ``track_running_stats=False``; ``F.batch_norm`` then gets no buff
 Attention runs under the math SDPA backend, the only one with a double backward. In a model
 with ``nn.GroupNorm`` layers, ``F.group_norm`` runs ``ops.group_norm``, whose double backward
 is a fused kernel instead of autograd over PyTorch's composite backward (the same values;
-about 1.27x faster NIO iterations on a GroupNorm ResNet-20); with BatchNorm layers,
-``F.batch_norm`` runs ``ops.batch_norm`` likewise. A SyncBatchNorm computes the
+about 1.27x faster NIO iterations on a GroupNorm ResNet-20); with BatchNorm or LayerNorm
+layers, ``F.batch_norm`` / ``F.layer_norm`` run ``ops.batch_norm`` / ``ops.layer_norm`` likewise. A SyncBatchNorm computes the
 statistics of its own rank's samples, like a BatchNorm: its synchronised forward has no double
 backward (and runs only on GPUs).
 """
@@ -56,9 +56,10 @@ def nio_modes(model: nn.Module, second_order_only: bool = False) -> Iterator[Non
             layer.forward = types.MethodType(_BatchNorm.forward, layer)
         # Only where such layers are: the mode sees every torch call (1.7 us each on torch.add).
         has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
+        has_layer_norm = any(isinstance(m, nn.LayerNorm) for m in model.modules())
         norms = fused_norms(group_norm_calls=has_group_norm, batch_norm_calls=bool(tracking),
-                            second_order_only=second_order_only) if has_group_norm or tracking \
-            else contextlib.nullcontext()
+                            layer_norm_calls=has_layer_norm, second_order_only=second_order_only) \
+            if has_group_norm or tracking or has_layer_norm else contextlib.nullcontext()
         with sdpa_kernel(SDPBackend.MATH), norms:
             yield
     finally:

@@ -1,6 +1,6 @@
 """Differentiable ops behind GradCosine: the fused Gram, its cosine terms, per-tensor dots, the
-per-sample Grams of layer factors and their chunk reductions, GroupNorm and BatchNorm with fused
-double backwards."""
+per-sample Grams of layer factors and their chunk reductions, GroupNorm, BatchNorm and LayerNorm
+with fused double backwards."""
 from .cosine import CosineTerms, gradcosine_from_gram
 from .dots import tensor_dots, tensor_dots_reference
 from .chunk_reduce import (ChunkWeighting, chunk_gram, chunk_gram_reference, chunk_sums, chunk_sums_reference,
@@ -11,6 +11,7 @@ from .gram import as_grad_table, gram, gram_reference
 from .batch_norm import batch_norm, batch_norm_backward_reference, batch_norm_double_backward_reference
 from .fused_norms import fused_norms
 from .group_norm import group_norm, group_norm_backward_reference, group_norm_double_backward_reference
+from .layer_norm import layer_norm, layer_norm_backward_reference, layer_norm_double_backward_reference
 
 __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine_from_gram",
            "tensor_dots", "tensor_dots_reference",
@@ -18,4 +19,5 @@ __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine
            "chunk_weights", "OuterGramCost", "embedding_gram", "embedding_gram_reference",
            "outer_gram", "outer_gram_cost", "outer_gram_reference", "outer_gram_route",
            "fused_norms", "group_norm", "group_norm_backward_reference", "group_norm_double_backward_reference",
-           "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference"]
+           "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference",
+           "layer_norm", "layer_norm_backward_reference", "layer_norm_double_backward_reference"]
