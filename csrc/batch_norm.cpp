@@ -1,4 +1,4 @@
-// BatchNorm backward and double backward with batch statistics, CPU (see
+// The derivative of BatchNorm's backward with batch statistics, CPU (see
 // batch_norm.h). One task per channel; pass 1 sums over the channel's N rows of
 // HW elements (vectorised within a row, accumulated in double across rows),
 // pass 2 writes the outputs. It is GroupNorm's algebra (group_norm.cpp) with a
@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "norm_args.h"
+
 namespace nio_fast {
 namespace {
 
@@ -26,9 +28,7 @@ struct ChannelShape {
 ChannelShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                           const at::Tensor& rstd, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(x.dim() >= 2, fn, ": x must be [N, C, *], got ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, fn,
-                   ": expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": CPU tensors only, got ", x.device());
+  norm_args::check_float_cpu(fn, x);
   const int64_t n = x.size(0), c = x.size(1);
   TORCH_CHECK_VALUE(n > 0, fn, ": x has no samples");
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), fn, ": grad_out has shape ", grad_out.sizes(), ", x ",
@@ -36,62 +36,12 @@ ChannelShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::
   for (const at::Tensor* t : {&mean, &rstd}) {
     TORCH_CHECK_VALUE(t->numel() == c, fn, ": mean and rstd must have C = ", c, " elements, got ", t->numel());
   }
-  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), fn, ": every input must have x's dtype ",
-                     x.scalar_type(), ", got ", t->scalar_type());
-  }
-  if (weight.defined()) {
-    TORCH_CHECK_VALUE(weight.numel() == c && weight.scalar_type() == x.scalar_type(), fn,
-                      ": weight must hold C = ", c, " values of x's dtype, got ", weight.sizes(), " ",
-                      weight.scalar_type());
-  }
+  norm_args::check_dtype_of_x(fn, x, {&grad_out, &mean, &rstd});
+  norm_args::check_holds(fn, "weight", "C", c, x, {&weight});
   const int64_t hw = c == 0 ? 0 : x.numel() / (n * c);
   return {n, c, hw};
 }
 
-at::Tensor contiguous_or_undefined(const at::Tensor& t) { return t.defined() ? t.contiguous() : t; }
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
-
-template <typename T>
-void backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* mean, const T* rstd, const T* gamma,
-                     T* gx, T* gw, T* gb) {
-  const int64_t hw = s.hw;
-  const double m = static_cast<double>(s.n * hw);
-  at::parallel_for(0, s.c, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t channel = begin; channel < end; ++channel) {
-      const T mu = mean[channel], r = rstd[channel];
-      double sum_gy = 0, sum_gy_d = 0;
-      for (int64_t sample = 0; sample < s.n; ++sample) {
-        const int64_t row = (sample * s.c + channel) * hw;
-        T s_gy = 0, s_gy_d = 0;
-#pragma omp simd reduction(+ : s_gy, s_gy_d)
-        for (int64_t i = 0; i < hw; ++i) {
-          s_gy += gy[row + i];
-          s_gy_d += gy[row + i] * (x[row + i] - mu);
-        }
-        sum_gy += s_gy;
-        sum_gy_d += s_gy_d;
-      }
-      const double g = gamma ? gamma[channel] : 1.0;
-      gb[channel] = static_cast<T>(sum_gy);
-      gw[channel] = static_cast<T>(r * sum_gy_d);
-      const T mean_a = static_cast<T>(g * sum_gy / m), mean_a_xhat = static_cast<T>(g * r * sum_gy_d / m);
-      const T gt = static_cast<T>(g);
-      for (int64_t sample = 0; sample < s.n; ++sample) {
-        const int64_t row = (sample * s.c + channel) * hw;
-#pragma omp simd
-        for (int64_t i = 0; i < hw; ++i) {
-          const T xhat = (x[row + i] - mu) * r;
-          gx[row + i] = r * (gt * gy[row + i] - mean_a - xhat * mean_a_xhat);
-        }
-      }
-    }
-  });
-}
 
 // With kFromGradX, grad_out is not read but rebuilt per element from grad_x and the affine
 // gradients (the backward's own outputs, which NIO keeps anyway), so the graph need not save it:
@@ -182,36 +132,12 @@ void double_backward_kernel(const ChannelShape& s, const T* gy_or_gx, const T* r
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
-                                                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                                                   const at::Tensor& weight) {
-  const ChannelShape s = check_inputs("batch_norm_backward", grad_out, x, mean, rstd, weight);
-  const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = contiguous_or_undefined(weight);
-  at::Tensor gx = at::empty_like(xc), gw = at::empty({s.c}, xc.options()), gb = at::empty({s.c}, xc.options());
-  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_backward", [&] {
-    backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                              r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma), gx.data_ptr<scalar_t>(),
-                              gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
-  });
-  return {gx, gw, gb};
-}
-
 namespace {
 
 void check_cotangents(const char* fn, const ChannelShape& s, const at::Tensor& x, const at::Tensor& u,
                       const at::Tensor& p, const at::Tensor& q) {
-  if (u.defined()) {
-    TORCH_CHECK_VALUE(u.sizes() == x.sizes() && u.scalar_type() == x.scalar_type(), fn, ": u must match x (",
-                      x.sizes(), " ", x.scalar_type(), "), got ", u.sizes(), " ", u.scalar_type());
-  }
-  for (const at::Tensor* t : {&p, &q}) {
-    if (t->defined()) {
-      TORCH_CHECK_VALUE(t->numel() == s.c && t->scalar_type() == x.scalar_type(), fn,
-                        ": p and q must hold C = ", s.c, " values of x's dtype, got ", t->sizes(), " ",
-                        t->scalar_type());
-    }
-  }
+  norm_args::check_like_x(fn, u, x);
+  norm_args::check_holds(fn, "p and q", "C", s.c, x, {&p, &q});
 }
 
 template <bool kFromGradX>
@@ -220,15 +146,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_double_backward(
     const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& p, const at::Tensor& q) {
   const at::Tensor g = gy_or_gx.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
-                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q),
-                   gw = contiguous_or_undefined(rebuilt_gw), gb = contiguous_or_undefined(rebuilt_gb);
+  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight), uc = norm_args::contiguous_or_undefined(u),
+                   pc = norm_args::contiguous_or_undefined(p), qc = norm_args::contiguous_or_undefined(q),
+                   gw = norm_args::contiguous_or_undefined(rebuilt_gw), gb = norm_args::contiguous_or_undefined(rebuilt_gb);
   at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_double_backward", [&] {
     double_backward_kernel<scalar_t, kFromGradX>(
-        s, g.data_ptr<scalar_t>(), data_or_null<scalar_t>(gw), data_or_null<scalar_t>(gb), xc.data_ptr<scalar_t>(),
-        mu.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma), data_or_null<scalar_t>(uc),
-        data_or_null<scalar_t>(pc), data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+        s, g.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gw), norm_args::data_or_null<scalar_t>(gb), xc.data_ptr<scalar_t>(),
+        mu.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma), norm_args::data_or_null<scalar_t>(uc),
+        norm_args::data_or_null<scalar_t>(pc), norm_args::data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
         d_w.data_ptr<scalar_t>());
   });
   return {d_gy, d_x, d_w};
@@ -252,11 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_from_g
   const char* fn = "batch_norm_double_backward_from_grad_x";
   const ChannelShape s = check_inputs(fn, grad_x, x, mean, rstd, weight);
   check_cotangents(fn, s, x, u, p, q);
-  for (const at::Tensor* t : {&grad_weight, &grad_bias}) {
-    TORCH_CHECK_VALUE(t->numel() == s.c && t->scalar_type() == x.scalar_type(), fn,
-                      ": grad_weight and grad_bias must hold C = ", s.c, " values of x's dtype, got ", t->sizes(),
-                      " ", t->scalar_type());
-  }
+  norm_args::check_holds(fn, "grad_weight and grad_bias", "C", s.c, x, {&grad_weight, &grad_bias});
   TORCH_CHECK_VALUE(gamma_has_no_zero(weight), fn, ": grad_out cannot be rebuilt where weight is zero");
   return run_double_backward<true>(s, grad_x, grad_weight, grad_bias, x, mean, rstd, weight, u, p, q);
 }

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "norm_args.h"
+
 namespace nio_fast {
 namespace {
 
@@ -28,9 +30,7 @@ struct GroupShape {
 GroupShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                         const at::Tensor& rstd, const at::Tensor& weight, int64_t groups) {
   TORCH_CHECK_VALUE(x.dim() >= 2, fn, ": x must be [N, C, *], got ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, fn,
-                   ": expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": CPU tensors only, got ", x.device());
+  norm_args::check_float_cpu(fn, x);
   const int64_t n = x.size(0), c = x.size(1);
   TORCH_CHECK_VALUE(groups > 0 && c % groups == 0, fn, ": groups = ", groups, " does not divide C = ", c);
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), fn, ": grad_out has shape ", grad_out.sizes(), ", x ",
@@ -39,25 +39,12 @@ GroupShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Te
     TORCH_CHECK_VALUE(t->numel() == n * groups, fn, ": mean and rstd must have N * groups = ", n * groups,
                       " elements, got ", t->numel());
   }
-  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), fn, ": every input must have x's dtype ",
-                     x.scalar_type(), ", got ", t->scalar_type());
-  }
-  if (weight.defined()) {
-    TORCH_CHECK_VALUE(weight.numel() == c && weight.scalar_type() == x.scalar_type(), fn,
-                      ": weight must hold C = ", c, " values of x's dtype, got ", weight.sizes(), " ",
-                      weight.scalar_type());
-  }
+  norm_args::check_dtype_of_x(fn, x, {&grad_out, &mean, &rstd});
+  norm_args::check_holds(fn, "weight", "C", c, x, {&weight});
   const int64_t hw = n * c == 0 ? 0 : x.numel() / (n * c);
   return {n, c, hw, groups, c / groups};
 }
 
-at::Tensor contiguous_or_undefined(const at::Tensor& t) { return t.defined() ? t.contiguous() : t; }
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
 
 template <typename T>
 void backward_kernel(const GroupShape& s, const T* gy, const T* x, const T* mean, const T* rstd, const T* gamma,
@@ -185,11 +172,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(const at::Ten
                                                                    const at::Tensor& weight, int64_t groups) {
   const GroupShape s = check_inputs("group_norm_backward", grad_out, x, mean, rstd, weight, groups);
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = contiguous_or_undefined(weight);
+  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight);
   at::Tensor gx = at::empty_like(xc), gw = at::empty({s.n, s.c}, xc.options()), gb = at::empty({s.n, s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "group_norm_backward", [&] {
     backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                              r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma), gx.data_ptr<scalar_t>(),
+                              r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma), gx.data_ptr<scalar_t>(),
                               gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
   });
   return {gx, gw, gb};
@@ -198,28 +185,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_double_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const at::Tensor& weight, int64_t groups, const at::Tensor& u, const at::Tensor& p, const at::Tensor& q) {
-  const GroupShape s = check_inputs("group_norm_double_backward", grad_out, x, mean, rstd, weight, groups);
-  if (u.defined()) {
-    TORCH_CHECK_VALUE(u.sizes() == x.sizes() && u.scalar_type() == x.scalar_type(),
-                      "group_norm_double_backward: u must match x (", x.sizes(), " ", x.scalar_type(), "), got ",
-                      u.sizes(), " ", u.scalar_type());
-  }
-  for (const at::Tensor* t : {&p, &q}) {
-    if (t->defined()) {
-      TORCH_CHECK_VALUE(t->numel() == s.n * s.c && t->scalar_type() == x.scalar_type(),
-                        "group_norm_double_backward: p and q must hold N * C = ", s.n * s.c, " values of x's dtype, "
-                        "got ", t->sizes(), " ", t->scalar_type());
-    }
-  }
+  const char* fn = "group_norm_double_backward";
+  const GroupShape s = check_inputs(fn, grad_out, x, mean, rstd, weight, groups);
+  norm_args::check_like_x(fn, u, x);
+  norm_args::check_holds(fn, "p and q", "N * C", s.n * s.c, x, {&p, &q});
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
-                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q);
+  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight), uc = norm_args::contiguous_or_undefined(u),
+                   pc = norm_args::contiguous_or_undefined(p), qc = norm_args::contiguous_or_undefined(q);
   at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.n, s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "group_norm_double_backward", [&] {
     double_backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                                     r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma),
-                                     data_or_null<scalar_t>(uc), data_or_null<scalar_t>(pc),
-                                     data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+                                     r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma),
+                                     norm_args::data_or_null<scalar_t>(uc), norm_args::data_or_null<scalar_t>(pc),
+                                     norm_args::data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
                                      d_w.data_ptr<scalar_t>());
   });
   return {d_gy, d_x, d_w};

@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include "norm_args.h"
+
 namespace nio_fast {
 namespace {
 
@@ -26,9 +28,7 @@ struct RowShape {
 RowShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean,
                       const at::Tensor& rstd, const at::Tensor& weight) {
   TORCH_CHECK_VALUE(x.dim() == 2, fn, ": x must be [R, E], got ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, fn,
-                   ": expected float32 or float64, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), fn, ": CPU tensors only, got ", x.device());
+  norm_args::check_float_cpu(fn, x);
   TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), fn, ": grad_out has shape ", grad_out.sizes(), ", x ",
                     x.sizes());
   const int64_t rows = x.size(0), e = x.size(1);
@@ -36,24 +36,11 @@ RowShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Tens
     TORCH_CHECK_VALUE(t->numel() == rows, fn, ": mean and rstd must have R = ", rows, " elements, got ",
                       t->numel());
   }
-  for (const at::Tensor* t : {&grad_out, &mean, &rstd}) {
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), fn, ": every input must have x's dtype ",
-                     x.scalar_type(), ", got ", t->scalar_type());
-  }
-  if (weight.defined()) {
-    TORCH_CHECK_VALUE(weight.numel() == e && weight.scalar_type() == x.scalar_type(), fn,
-                      ": weight must hold E = ", e, " values of x's dtype, got ", weight.sizes(), " ",
-                      weight.scalar_type());
-  }
+  norm_args::check_dtype_of_x(fn, x, {&grad_out, &mean, &rstd});
+  norm_args::check_holds(fn, "weight", "E", e, x, {&weight});
   return {rows, e};
 }
 
-at::Tensor contiguous_or_undefined(const at::Tensor& t) { return t.defined() ? t.contiguous() : t; }
-
-template <typename T>
-const T* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
-}
 
 // Per-thread [E] partial sums of the affine gradients, added in thread order at the end.
 class RowSums {
@@ -143,26 +130,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_double_backward(
     const at::Tensor& weight, const at::Tensor& u, const at::Tensor& p, const at::Tensor& q) {
   const char* fn = "layer_norm_double_backward";
   const RowShape s = check_inputs(fn, grad_out, x, mean, rstd, weight);
-  if (u.defined()) {
-    TORCH_CHECK_VALUE(u.sizes() == x.sizes() && u.scalar_type() == x.scalar_type(), fn, ": u must match x (",
-                      x.sizes(), " ", x.scalar_type(), "), got ", u.sizes(), " ", u.scalar_type());
-  }
-  for (const at::Tensor* t : {&p, &q}) {
-    if (t->defined()) {
-      TORCH_CHECK_VALUE(t->numel() == s.e && t->scalar_type() == x.scalar_type(), fn,
-                        ": p and q must hold E = ", s.e, " values of x's dtype, got ", t->sizes(), " ",
-                        t->scalar_type());
-    }
-  }
+  norm_args::check_like_x(fn, u, x);
+  norm_args::check_holds(fn, "p and q", "E", s.e, x, {&p, &q});
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
-                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q);
+  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight), uc = norm_args::contiguous_or_undefined(u),
+                   pc = norm_args::contiguous_or_undefined(p), qc = norm_args::contiguous_or_undefined(q);
   at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.e}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "layer_norm_double_backward", [&] {
     double_backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                                     r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma),
-                                     data_or_null<scalar_t>(uc), data_or_null<scalar_t>(pc),
-                                     data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+                                     r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma),
+                                     norm_args::data_or_null<scalar_t>(uc), norm_args::data_or_null<scalar_t>(pc),
+                                     norm_args::data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
                                      d_w.data_ptr<scalar_t>());
   });
   return {d_gy, d_x, d_w};

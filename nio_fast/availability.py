@@ -95,6 +95,21 @@ def cpp_usable(device: torch.device) -> bool:
     return device.type == "cuda" and bool(module.cuda_compiled())
 
 
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def cpu_kernels_for(x: torch.Tensor, backend: str, op: str) -> Optional[ModuleType]:
+    """The extension where its float32/float64 CPU kernels of ``op`` run on ``x`` (backend "auto"
+    or "cpp"), else None (the caller's plain twin or PyTorch's op); "cpp" that cannot run raises."""
+    if backend == "torch":
+        return None
+    usable = x.dtype in _CPU_KERNEL_DTYPES and x.device.type == "cpu" and cpp_usable(x.device)
+    if backend == "cpp" and not usable:
+        raise ValueError(f"backend: 'cpp' {op} kernels need CPU float32/float64 tensors and the built extension; "
+                         f"got {x.dtype} on {x.device}")
+    return extension() if usable else None
+
+
 def default_backend(device: torch.device) -> str:
     """The backend ``backend="auto"`` picks for tensors on ``device``.
 

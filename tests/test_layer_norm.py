@@ -8,21 +8,14 @@ from torch import nn
 
 from nio_fast import availability, ops
 from nio_fast.algorithms.model_state import nio_modes
+from norm_checks import assert_near, random, second_order
 
 BACKENDS = ["torch"] + (["cpp"] if availability.cpp_usable(torch.device("cpu")) else [])
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # (input shape, normalized_shape): odd sizes, one or two normalised axes, a [R, E] input, E = 3 (the
 # smallest with a nonzero grad_x: E <= 2 leaves grad_x exactly zero, rounding noise against noise)
 CASES = [((5, 7, 6), (6,)), ((3, 4, 5, 3), (5, 3)), ((9, 13), (13,)), ((2, 3, 11), (3, 11)), ((4, 3, 3), (3,))]
 
 
-def assert_near(ours, theirs, dtype):
-    scale = theirs.abs().max().item() or 1.0
-    torch.testing.assert_close(ours, theirs, rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
-
-
-def random(shape, dtype, gen):
-    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
 def inputs(shape, normalized, dtype, gen, affine=True):
@@ -38,14 +31,6 @@ def rows(x, normalized, eps=1e-5):
         width *= size
     return x.reshape(-1, width), mean.reshape(-1), rstd.reshape(-1), width
 
-
-def second_order(fn, x, weight, bias, cotangent):
-    """Output, first and second derivatives of a nonlinear function of fn(x, weight, bias)."""
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
-    y = fn(*leaves)
-    grads = torch.autograd.grad((y * cotangent).sin().sum(), leaves, create_graph=True)
-    second = torch.autograd.grad(sum((g.cos() * (i + 1)).sum() for i, g in enumerate(grads)), leaves)
-    return [y, *grads, *second]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

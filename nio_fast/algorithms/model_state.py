@@ -8,9 +8,9 @@ Attention runs under the math SDPA backend, the only one with a double backward.
 with ``nn.GroupNorm`` layers, ``F.group_norm`` runs ``ops.group_norm``, whose double backward
 is a fused kernel instead of autograd over PyTorch's composite backward (the same values;
 about 1.27x faster NIO iterations on a GroupNorm ResNet-20); with BatchNorm or LayerNorm
-layers, ``F.batch_norm`` / ``F.layer_norm`` run ``ops.batch_norm`` / ``ops.layer_norm`` likewise. A SyncBatchNorm computes the
-statistics of its own rank's samples, like a BatchNorm: its synchronised forward has no double
-backward (and runs only on GPUs).
+layers, ``F.batch_norm`` / ``F.layer_norm`` run ``ops.batch_norm`` / ``ops.layer_norm``
+likewise. A SyncBatchNorm computes the statistics of its own rank's samples, like a
+BatchNorm: its synchronised forward has no double backward (and runs only on GPUs).
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def couples_samples(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def nio_modes(model: nn.Module, second_order_only: bool = False) -> Iterator[None]:
-    """Eval mode, BatchNorm on batch statistics, math attention, fused GroupNorm and BatchNorm; every
+    """Eval mode, BatchNorm on batch statistics, math attention, fused normalisation layers; every
     flag restored on exit. ``second_order_only``: nothing inside takes a third derivative, so
     BatchNorm graphs may keep less (``ops.batch_norm``)."""
     training = [(module, module.training) for module in model.modules()]

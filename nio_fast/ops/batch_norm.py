@@ -4,9 +4,9 @@ activations.
 NIO's exact mode on a BatchNorm model differentiates through D backward passes over the whole
 batch, and PyTorch's BatchNorm pays for the second derivative with ``batchnorm_double_backward``,
 a composite of about thirty elementwise ops and reductions: on a BatchNorm ResNet-20, batch 64,
-D = 4 (2-core CPU, torch.profiler) it was 53% of the iteration. Here the backward is a fused
-kernel of the extension (``csrc/batch_norm.cpp``) and its derivative a second one (statistics
-pass, output pass), both autograd Functions; a backward without a graph runs PyTorch's own.
+D = 4 (2-core CPU, torch.profiler) it was 53% of the iteration. Here PyTorch's fused backward is
+wrapped in an autograd Function whose derivative is a fused kernel of the extension
+(``csrc/batch_norm.cpp``: a statistics pass and an output pass per channel).
 
 With ``second_order_only=True`` (NIO's iterations) the backward's graph keeps no ``grad_out``:
 the double backward rebuilds it per element from the backward's own outputs, ``grad_x`` (which
@@ -39,7 +39,6 @@ from .group_norm import group_norm_backward_reference, group_norm_double_backwar
 Tensor = torch.Tensor
 
 BACKENDS = ("auto", "cpp", "torch")
-_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def _as_groups(t: Tensor) -> Tensor:
@@ -76,15 +75,7 @@ def batch_norm_double_backward_reference(grad_out: Tensor, x: Tensor, weight: Op
 
 
 def _kernels(x: Tensor, backend: str):
-    """The extension where its kernels run on ``x`` (CPU float32/float64), else None for the
-    twins; a named backend that cannot run raises."""
-    if backend == "torch":
-        return None
-    usable = x.dtype in _FUSED_DTYPES and x.device.type == "cpu" and availability.cpp_usable(x.device)
-    if backend == "cpp" and not usable:
-        raise ValueError(f"backend: 'cpp' batch_norm kernels need CPU float32/float64 tensors and the built "
-                         f"extension; got {x.dtype} on {x.device}")
-    return availability.extension() if usable else None
+    return availability.cpu_kernels_for(x, backend, "batch_norm")
 
 
 class _BatchNorm(Function):
@@ -107,9 +98,8 @@ class _BatchNorm(Function):
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         x, weight, mean, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if not torch.is_grad_enabled():  # first order: PyTorch's own fused kernel
-            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, None, None, mean, rstd, True, ctx.eps, [needs[0], needs[1], needs[2]])
+        if not torch.is_grad_enabled():  # first order: no graph, nothing to fuse
+            grad_x, grad_weight, grad_bias = _native_backward(grad_out, x, weight, mean, rstd, ctx.eps, needs[:3])
         else:
             grad_x, grad_weight, grad_bias = _BatchNormBackward.apply(grad_out, x, weight, mean, rstd, ctx.eps,
                                                                       ctx.backend, ctx.second_order_only)
@@ -117,15 +107,22 @@ class _BatchNorm(Function):
                 grad_bias if needs[2] else None, None, None, None)
 
 
+def _native_backward(grad_out, x, weight, mean, rstd, eps, needed):
+    """PyTorch's fused BatchNorm backward with batch statistics: (grad_x, grad_weight [C], grad_bias
+    [C]), None where not ``needed``."""
+    return torch.ops.aten.native_batch_norm_backward(grad_out, x, weight, None, None, mean, rstd, True, eps,
+                                                     list(needed))
+
+
 class _BatchNormBackward(Function):
-    """(grad_x, grad_weight [C], grad_bias [C]) with a fused derivative."""
+    """(grad_x, grad_weight [C], grad_bias [C]) of PyTorch's fused backward with a fused derivative:
+    the backward itself is one kernel in PyTorch; its derivative is what PyTorch composes."""
 
     @staticmethod
     def forward(grad_out, x, weight, mean, rstd, eps, backend, second_order_only):
-        kernels = _kernels(x, backend)
-        if kernels is not None:
-            return kernels.batch_norm_backward(grad_out, x, mean, rstd, weight)
-        return batch_norm_backward_reference(grad_out, x, weight, eps)
+        if _kernels(x, backend) is None:  # the twins: differentiable end to end
+            return batch_norm_backward_reference(grad_out, x, weight, eps)
+        return _native_backward(grad_out, x, weight, mean, rstd, eps, (True, True, True))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

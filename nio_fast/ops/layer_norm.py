@@ -26,7 +26,6 @@ from .group_norm import group_norm_backward_reference, group_norm_double_backwar
 Tensor = torch.Tensor
 
 BACKENDS = ("auto", "cpp", "torch")
-_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def _rows(t: Tensor, width: int) -> Tensor:
@@ -61,15 +60,7 @@ def layer_norm_double_backward_reference(grad_out: Tensor, x: Tensor, weight: Op
 
 
 def _kernels(x: Tensor, backend: str):
-    """The extension where its kernels run on ``x`` (CPU float32/float64), else None for the
-    twins; a named backend that cannot run raises."""
-    if backend == "torch":
-        return None
-    usable = x.dtype in _FUSED_DTYPES and x.device.type == "cpu" and availability.cpp_usable(x.device)
-    if backend == "cpp" and not usable:
-        raise ValueError(f"backend: 'cpp' layer_norm kernels need CPU float32/float64 tensors and the built "
-                         f"extension; got {x.dtype} on {x.device}")
-    return availability.extension() if usable else None
+    return availability.cpu_kernels_for(x, backend, "layer_norm")
 
 
 class _LayerNorm(Function):
