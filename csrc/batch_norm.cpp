@@ -1,4 +1,4 @@
-// The derivative of BatchNorm's backward with batch statistics, CPU (see
+// BatchNorm backward and its derivative with batch statistics, CPU (see
 // batch_norm.h). One task per channel; pass 1 sums over the channel's N rows of
 // HW elements (vectorised within a row, accumulated in double across rows),
 // pass 2 writes the outputs. It is GroupNorm's algebra (group_norm.cpp) with a
@@ -42,6 +42,43 @@ ChannelShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::
   return {n, c, hw};
 }
 
+
+template <typename T>
+void backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* mean, const T* rstd, const T* gamma,
+                     T* gx, T* gw, T* gb) {
+  const int64_t hw = s.hw;
+  const double m = static_cast<double>(s.n * hw);
+  at::parallel_for(0, s.c, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t channel = begin; channel < end; ++channel) {
+      const T mu = mean[channel], r = rstd[channel];
+      double sum_gy = 0, sum_gy_d = 0;
+      for (int64_t sample = 0; sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+        T s_gy = 0, s_gy_d = 0;
+#pragma omp simd reduction(+ : s_gy, s_gy_d)
+        for (int64_t i = 0; i < hw; ++i) {
+          s_gy += gy[row + i];
+          s_gy_d += gy[row + i] * (x[row + i] - mu);
+        }
+        sum_gy += s_gy;
+        sum_gy_d += s_gy_d;
+      }
+      const double g = gamma ? gamma[channel] : 1.0;
+      gb[channel] = static_cast<T>(sum_gy);
+      gw[channel] = static_cast<T>(r * sum_gy_d);
+      const T mean_a = static_cast<T>(g * sum_gy / m), mean_a_xhat = static_cast<T>(g * r * sum_gy_d / m);
+      const T gt = static_cast<T>(g);
+      for (int64_t sample = 0; sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+#pragma omp simd
+        for (int64_t i = 0; i < hw; ++i) {
+          const T xhat = (x[row + i] - mu) * r;
+          gx[row + i] = r * (gt * gy[row + i] - mean_a - xhat * mean_a_xhat);
+        }
+      }
+    }
+  });
+}
 
 // With kFromGradX, grad_out is not read but rebuilt per element from grad_x and the affine
 // gradients (the backward's own outputs, which NIO keeps anyway), so the graph need not save it:
@@ -131,6 +168,21 @@ void double_backward_kernel(const ChannelShape& s, const T* gy_or_gx, const T* r
 }
 
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   const at::Tensor& weight) {
+  const ChannelShape s = check_inputs("batch_norm_backward", grad_out, x, mean, rstd, weight);
+  const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
+  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight);
+  at::Tensor gx = at::empty_like(xc), gw = at::empty({s.c}, xc.options()), gb = at::empty({s.c}, xc.options());
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_backward", [&] {
+    backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
+                              r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma),
+                              gx.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
+  });
+  return {gx, gw, gb};
+}
 
 namespace {
 

@@ -71,6 +71,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("u"), py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
       "VJP of group_norm_backward with cotangents (u, p, q), CPU: (d grad_out, d x, d weight per sample [N, C]).");
   m.def(
+      "batch_norm_backward",
+      [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+         const std::optional<at::Tensor>& weight) {
+        return nio_fast::batch_norm_backward(grad_out, x, mean, rstd, or_undefined(weight));
+      },
+      py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"),
+      py::call_guard<py::gil_scoped_release>(),
+      "BatchNorm backward with batch statistics, CPU: (grad_x, grad_weight [C], grad_bias [C]).");
+  m.def(
       "batch_norm_double_backward",
       [](const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& u,

@@ -71,12 +71,15 @@ def test_double_backward_twin_equals_autograd_through_pytorchs_backward(dtype, s
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("affine", [True, False])
-def test_cpp_double_backward_equals_the_twin(dtype, shape, affine):
+def test_cpp_kernels_equal_the_twins(dtype, shape, affine):
     gen = torch.Generator().manual_seed(shape[1] * 7 + len(shape))
     x, weight, _ = inputs(shape, dtype, gen, affine)
     mean, rstd = statistics(x)
     grad_out = random(shape, dtype, gen)
     kernels = availability.extension()
+    for ours, theirs in zip(kernels.batch_norm_backward(grad_out, x, mean, rstd, weight),
+                            ops.batch_norm_backward_reference(grad_out, x, weight, 1e-5)):
+        assert_near(ours, theirs, dtype)
     for present in ("upq", "u", "pq", "q", ""):
         u, p, q = cotangents(shape, dtype, gen, present)
         for ours, theirs in zip(kernels.batch_norm_double_backward(grad_out, x, mean, rstd, weight, u, p, q),
@@ -85,13 +88,16 @@ def test_cpp_double_backward_equals_the_twin(dtype, shape, affine):
 
 
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the extension is not built")
-def test_cpp_double_backward_takes_strided_inputs_and_rejects_bad_ones():
+def test_cpp_kernels_take_strided_inputs_and_reject_bad_ones():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(3, 6, 5, 7, generator=gen).to(memory_format=torch.channels_last)
     grad_out = torch.randn(3, 6, 5, 7, generator=gen).transpose(2, 3).contiguous().transpose(2, 3)
     u = torch.randn(3, 6, 5, 7, generator=gen)
     mean, rstd = statistics(x)
     kernels = availability.extension()
+    for ours, theirs in zip(kernels.batch_norm_backward(grad_out, x, mean, rstd, None),
+                            ops.batch_norm_backward_reference(grad_out, x, None, 1e-5)):
+        assert_near(ours, theirs, torch.float32)
     for ours, theirs in zip(kernels.batch_norm_double_backward(grad_out, x, mean, rstd, None, u, None, None),
                             ops.batch_norm_double_backward_reference(grad_out, x, None, 1e-5, u, None, None)):
         assert_near(ours, theirs, torch.float32)
@@ -197,8 +203,7 @@ def test_double_backward_from_grad_x_equals_the_twin(dtype, shape, affine):
     mean, rstd = statistics(x)
     grad_out = random(shape, dtype, gen)
     kernels = availability.extension()
-    grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(  # what the op keeps
-        grad_out, x, weight, None, None, mean, rstd, True, 1e-5, [True, True, True])
+    grad_x, grad_weight, grad_bias = kernels.batch_norm_backward(grad_out, x, mean, rstd, weight)  # what the op keeps
     for present in ("upq", "u", "pq", ""):
         u, p, q = cotangents(shape, dtype, gen, present)
         ours = kernels.batch_norm_double_backward_from_grad_x(grad_x, grad_weight, grad_bias, x, mean, rstd, weight,

@@ -4,9 +4,9 @@ activations.
 NIO's exact mode on a BatchNorm model differentiates through D backward passes over the whole
 batch, and PyTorch's BatchNorm pays for the second derivative with ``batchnorm_double_backward``,
 a composite of about thirty elementwise ops and reductions: on a BatchNorm ResNet-20, batch 64,
-D = 4 (2-core CPU, torch.profiler) it was 53% of the iteration. Here PyTorch's fused backward is
-wrapped in an autograd Function whose derivative is a fused kernel of the extension
-(``csrc/batch_norm.cpp``: a statistics pass and an output pass per channel).
+D = 4 (2-core CPU, torch.profiler) it was 53% of the iteration. Here the backward is a fused
+kernel of the extension (``csrc/batch_norm.cpp``) and its derivative a second one (statistics
+pass, output pass), both autograd Functions; a backward without a graph runs PyTorch's own.
 
 With ``second_order_only=True`` (NIO's iterations) the backward's graph keeps no ``grad_out``:
 the double backward rebuilds it per element from the backward's own outputs, ``grad_x`` (which
@@ -115,14 +115,16 @@ def _native_backward(grad_out, x, weight, mean, rstd, eps, needed):
 
 
 class _BatchNormBackward(Function):
-    """(grad_x, grad_weight [C], grad_bias [C]) of PyTorch's fused backward with a fused derivative:
-    the backward itself is one kernel in PyTorch; its derivative is what PyTorch composes."""
+    """(grad_x, grad_weight [C], grad_bias [C]) with a fused derivative."""
 
     @staticmethod
     def forward(grad_out, x, weight, mean, rstd, eps, backend, second_order_only):
-        if _kernels(x, backend) is None:  # the twins: differentiable end to end
+        kernels = _kernels(x, backend)
+        if kernels is None:  # the twins: differentiable end to end
             return batch_norm_backward_reference(grad_out, x, weight, eps)
-        return _native_backward(grad_out, x, weight, mean, rstd, eps, (True, True, True))
+        # Ours, not PyTorch's faster one: PyTorch's temporaries raised the exact mode's peak memory
+        # (csrc/batch_norm.h has the numbers).
+        return kernels.batch_norm_backward(grad_out, x, mean, rstd, weight)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
