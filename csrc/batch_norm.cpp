@@ -12,6 +12,9 @@
 //              t = mean(u P(a))
 #include "batch_norm.h"
 
+#include <cmath>
+#include <limits>
+
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -231,13 +234,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_from_g
   const ChannelShape s = check_inputs(fn, grad_x, x, mean, rstd, weight);
   check_cotangents(fn, s, x, u, p, q);
   norm_args::check_holds(fn, "grad_weight and grad_bias", "C", s.c, x, {&grad_weight, &grad_bias});
-  TORCH_CHECK_VALUE(gamma_has_no_zero(weight), fn, ": grad_out cannot be rebuilt where weight is zero");
+  TORCH_CHECK_VALUE(grad_out_rebuildable(weight), fn,
+                    ": grad_out cannot be rebuilt where weight is zero or nearly (|weight| < sqrt of the dtype's "
+                    "smallest normal number)");
   return run_double_backward<true>(s, grad_x, grad_weight, grad_bias, x, mean, rstd, weight, u, p, q);
 }
 
-bool gamma_has_no_zero(const at::Tensor& weight) {
+bool grad_out_rebuildable(const at::Tensor& weight) {
   if (!weight.defined()) return true;
-  return weight.ne(0).all().item<bool>();
+  // gx / (r gamma) stays finite and keeps its precision for |gamma| well inside the normal range:
+  // sqrt(min) is 1.1e-19 in float32, 1.5e-154 in float64.
+  const double smallest = weight.scalar_type() == at::kFloat ? std::sqrt(std::numeric_limits<float>::min())
+                                                             : std::sqrt(std::numeric_limits<double>::min());
+  return weight.abs().ge(smallest).all().item<bool>();
 }
 
 }  // namespace nio_fast

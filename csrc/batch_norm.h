@@ -34,13 +34,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward(
 
 // The same VJP without grad_out: it is rebuilt per element from the backward's outputs
 // (grad_x, grad_weight, grad_bias), so a graph that keeps those need not keep grad_out too.
-// Needs a weight with no zero (or none): see gamma_has_no_zero.
+// Needs a weight far from zero (or none): see grad_out_rebuildable.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_double_backward_from_grad_x(
     const at::Tensor& grad_x, const at::Tensor& grad_weight, const at::Tensor& grad_bias, const at::Tensor& x,
     const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight, const at::Tensor& u,
     const at::Tensor& p, const at::Tensor& q);
 
-// Whether grad_out can be rebuilt from grad_x: weight undefined, or no entry zero (a CPU read).
-bool gamma_has_no_zero(const at::Tensor& weight);
+// Whether grad_out can be rebuilt from grad_x: weight undefined, or every |entry| at least the
+// square root of its dtype's smallest normal number (a CPU read).
+bool grad_out_rebuildable(const at::Tensor& weight);
 
 }  // namespace nio_fast

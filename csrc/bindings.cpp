@@ -104,8 +104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::call_guard<py::gil_scoped_release>(),
       "batch_norm_double_backward with grad_out rebuilt from the backward's outputs (weight without zeros).");
   m.def(
-      "batch_norm_gamma_has_no_zero",
-      [](const std::optional<at::Tensor>& weight) { return nio_fast::gamma_has_no_zero(or_undefined(weight)); },
+      "batch_norm_grad_out_rebuildable",
+      [](const std::optional<at::Tensor>& weight) { return nio_fast::grad_out_rebuildable(or_undefined(weight)); },
       py::arg("weight"), "Whether batch_norm_double_backward_from_grad_x can rebuild grad_out (CPU read).");
   m.def(
       "layer_norm_double_backward",

@@ -257,6 +257,26 @@ def test_second_order_only_keeps_grad_out_where_gamma_has_a_zero():
                                                                         None, None, None)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the extension is not built")
+@pytest.mark.parametrize("dtype,tiny,rebuilt", [(torch.float32, 1e-25, False), (torch.float32, 1e-15, True),
+                                                (torch.float64, 1e-160, False), (torch.float64, 1e-100, True)])
+def test_second_order_only_keeps_grad_out_where_gamma_is_nearly_zero(dtype, tiny, rebuilt):
+    gen = torch.Generator().manual_seed(31)
+    x, weight, bias = inputs((4, 3, 5), dtype, gen)
+    weight[2] = tiny  # gx / (r gamma) would lose its precision (or overflow) near the subnormal range
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    grads = torch.autograd.grad(ops.batch_norm(leaves[0], None, None, *leaves[1:], training=True,
+                                               second_order_only=True).sin().sum(), leaves, create_graph=True)
+    assert grads[0].grad_fn.rebuild_grad_out is rebuilt
+    ours = torch.autograd.grad(sum((g * g).sum() for g in grads), leaves)
+    expected_leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    expected_grads = torch.autograd.grad(F.batch_norm(expected_leaves[0], None, None, *expected_leaves[1:],
+                                                      training=True).sin().sum(), expected_leaves, create_graph=True)
+    for mine, theirs in zip(ours, torch.autograd.grad(sum((g * g).sum() for g in expected_grads), expected_leaves)):
+        assert torch.isfinite(mine).all()
+        assert_near(mine, theirs, dtype)
+
+
 def test_nio_iterations_run_batch_norm_second_order_only():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     x = torch.randn(3, 3, 6, 6)

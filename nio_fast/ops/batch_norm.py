@@ -13,8 +13,8 @@ the double backward rebuilds it per element from the backward's own outputs, ``g
 the convolution before the BatchNorm keeps anyway) and the affine gradients (the chunk
 gradients, kept anyway): ``gy = gx / (r gamma) + gb / M + x_hat gw / M``. That halves what each
 chunk's graph adds in NIO's exact mode (a BatchNorm ResNet-20: 46 of 95 MB per chunk at batch
-64). It needs a gamma without zeros (else ``grad_out`` is kept, as without the flag) and gives up
-third derivatives (they raise).
+64). It needs a gamma without zeros or near-zeros (else ``grad_out`` is kept, as without the
+flag) and gives up third derivatives (they raise).
 
 Only the calls NIO makes are routed: training behaviour without running buffers
 (``F.batch_norm(x, None, None, weight, bias, training=True)``), float32 / float64 on the CPU,
@@ -131,7 +131,7 @@ class _BatchNormBackward(Function):
         grad_out, x, weight, mean, rstd, eps, backend, second_order_only = inputs
         kernels = _kernels(x, backend)
         ctx.rebuild_grad_out = (second_order_only and kernels is not None
-                                and kernels.batch_norm_gamma_has_no_zero(weight))
+                                and kernels.batch_norm_grad_out_rebuildable(weight))
         # Rebuilding: the outputs instead of grad_out (grad_x is what the layer before keeps anyway).
         ctx.save_for_backward(*(output if ctx.rebuild_grad_out else (grad_out,)), x, weight, mean, rstd)
         ctx.eps, ctx.backend = eps, backend
