@@ -100,6 +100,12 @@ def _beside_reference(rows: list[dict], case, reference_backend: str = "torch"):
         yield r, reference / r["seconds"] if reference and r["seconds"] else None
 
 
+# table of benchmarks/test_normalization.py -> (layer, what its notes add)
+NORMALIZATION_TABLES = {"group_norm": ("GroupNorm", "8 groups."),
+                        "batch_norm": ("BatchNorm", "Batch statistics, no running buffers."),
+                        "layer_norm": ("LayerNorm", "Normalised over the last axis (features).")}
+
+
 def _normalization_rows(rows: list[dict]) -> list[dict]:
     """One row per timing, with PyTorch's ("native") median of the same case beside it."""
     def case(r):
@@ -323,9 +329,7 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "gradients; W [N, D] the chunks' averaging weights (overlap 0.5: twice the nonzeros). "
                             "torch: dense matmuls; cpp: the extension's sparse kernels. forward+backward: the "
                             "gradient with respect to G or V as well.")
-    for name, layer, what in (("group_norm", "GroupNorm", "8 groups."),
-                              ("batch_norm", "BatchNorm", "Batch statistics, no running buffers."),
-                              ("layer_norm", "LayerNorm", "Normalised over the last axis (features).")):
+    for name, (layer, what) in NORMALIZATION_TABLES.items():
         if tables.get(name):
             table = _normalization_rows(tables[name])
             native = f"F.{name}"
@@ -347,5 +351,5 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
             _plot_samplewise(table)
     for name, rows in tables.items():
         if name not in ("iteration", "memory", "gram", "gram_memory", "samplewise", "samplewise_memory",
-                        "chunk_reduce", "group_norm", "batch_norm", "layer_norm") and rows:
+                        "chunk_reduce", *NORMALIZATION_TABLES) and rows:
             write_results(name, rows, list(rows[0]), name)

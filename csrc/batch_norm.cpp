@@ -24,6 +24,9 @@
 namespace nio_fast {
 namespace {
 
+using norm_args::contiguous_or_undefined;
+using norm_args::data_or_null;
+
 struct ChannelShape {
   int64_t n, c, hw;
 };
@@ -45,6 +48,23 @@ ChannelShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::
   return {n, c, hw};
 }
 
+// A channel's sum gy and sum gy (x - mean): vectorised within each row, in double across rows.
+template <typename T>
+void grad_out_sums(const ChannelShape& s, int64_t channel, const T* gy, const T* x, T mu, double& sum_gy,
+                   double& sum_gy_d) {
+  sum_gy = sum_gy_d = 0;
+  for (int64_t sample = 0; sample < s.n; ++sample) {
+    const int64_t row = (sample * s.c + channel) * s.hw;
+    T s_gy = 0, s_gy_d = 0;
+#pragma omp simd reduction(+ : s_gy, s_gy_d)
+    for (int64_t i = 0; i < s.hw; ++i) {
+      s_gy += gy[row + i];
+      s_gy_d += gy[row + i] * (x[row + i] - mu);
+    }
+    sum_gy += s_gy;
+    sum_gy_d += s_gy_d;
+  }
+}
 
 template <typename T>
 void backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* mean, const T* rstd, const T* gamma,
@@ -54,18 +74,8 @@ void backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* me
   at::parallel_for(0, s.c, 1, [&](int64_t begin, int64_t end) {
     for (int64_t channel = begin; channel < end; ++channel) {
       const T mu = mean[channel], r = rstd[channel];
-      double sum_gy = 0, sum_gy_d = 0;
-      for (int64_t sample = 0; sample < s.n; ++sample) {
-        const int64_t row = (sample * s.c + channel) * hw;
-        T s_gy = 0, s_gy_d = 0;
-#pragma omp simd reduction(+ : s_gy, s_gy_d)
-        for (int64_t i = 0; i < hw; ++i) {
-          s_gy += gy[row + i];
-          s_gy_d += gy[row + i] * (x[row + i] - mu);
-        }
-        sum_gy += s_gy;
-        sum_gy_d += s_gy_d;
-      }
+      double sum_gy, sum_gy_d;
+      grad_out_sums(s, channel, gy, x, mu, sum_gy, sum_gy_d);
       const double g = gamma ? gamma[channel] : 1.0;
       gb[channel] = static_cast<T>(sum_gy);
       gw[channel] = static_cast<T>(r * sum_gy_d);
@@ -85,7 +95,7 @@ void backward_kernel(const ChannelShape& s, const T* gy, const T* x, const T* me
 
 // With kFromGradX, grad_out is not read but rebuilt per element from grad_x and the affine
 // gradients (the backward's own outputs, which NIO keeps anyway), so the graph need not save it:
-// gy = gx / (r gamma) + gb / M + x_hat gw / M, for gamma with no zero. Its channel sums are
+// gy = gx / (r gamma) + gb / M + x_hat gw / M, for gamma far from zero. Its channel sums are
 // then gb and gw / r exactly.
 template <typename T, bool kFromGradX>
 void double_backward_kernel(const ChannelShape& s, const T* gy_or_gx, const T* rebuilt_gw, const T* rebuilt_gb,
@@ -106,35 +116,31 @@ void double_backward_kernel(const ChannelShape& s, const T* gy_or_gx, const T* r
         return kFromGradX ? gy_or_gx[j] * inv_rg + gb_m + xhat * gw_m : gy_or_gx[j];
       };
       double sum_gy = 0, sum_gy_d = 0, sum_u = 0, sum_u_d = 0, sum_u_gy = 0;
-      for (int64_t sample = 0; sample < s.n; ++sample) {
-        const int64_t row = (sample * s.c + channel) * hw;
-        T s_gy = 0, s_gy_d = 0, s_u = 0, s_u_d = 0, s_u_gy = 0;
-        if (u) {
-#pragma omp simd reduction(+ : s_gy, s_gy_d, s_u, s_u_d, s_u_gy)
-          for (int64_t i = 0; i < hw; ++i) {
-            const T d = x[row + i] - mu, gyv = grad_out_at(row + i, d * rt);
-            s_gy += gyv;
-            s_gy_d += gyv * d;
-            s_u += u[row + i];
-            s_u_d += u[row + i] * d;
-            s_u_gy += u[row + i] * gyv;
-          }
-        } else if (!kFromGradX) {
-#pragma omp simd reduction(+ : s_gy, s_gy_d)
-          for (int64_t i = 0; i < hw; ++i) {
-            s_gy += gy_or_gx[row + i];
-            s_gy_d += gy_or_gx[row + i] * (x[row + i] - mu);
-          }
-        }
-        sum_gy += s_gy;
-        sum_gy_d += s_gy_d;
-        sum_u += s_u;
-        sum_u_d += s_u_d;
-        sum_u_gy += s_u_gy;
-      }
       if (kFromGradX) {  // exact: the sums the backward returned
         sum_gy = rebuilt_gb[channel];
         sum_gy_d = rebuilt_gw[channel] / r;
+      } else if (!u) {
+        grad_out_sums(s, channel, gy_or_gx, x, mu, sum_gy, sum_gy_d);
+      }
+      for (int64_t sample = 0; u && sample < s.n; ++sample) {
+        const int64_t row = (sample * s.c + channel) * hw;
+        T s_gy = 0, s_gy_d = 0, s_u = 0, s_u_d = 0, s_u_gy = 0;
+#pragma omp simd reduction(+ : s_gy, s_gy_d, s_u, s_u_d, s_u_gy)
+        for (int64_t i = 0; i < hw; ++i) {
+          const T d = x[row + i] - mu, gyv = grad_out_at(row + i, d * rt);
+          s_gy += gyv;
+          s_gy_d += gyv * d;
+          s_u += u[row + i];
+          s_u_d += u[row + i] * d;
+          s_u_gy += u[row + i] * gyv;
+        }
+        if (!kFromGradX) {
+          sum_gy += s_gy;
+          sum_gy_d += s_gy_d;
+        }
+        sum_u += s_u;
+        sum_u_d += s_u_d;
+        sum_u_gy += s_u_gy;
       }
       const double pc = p ? p[channel] : 0.0, qc = q ? q[channel] : 0.0;
       const double mean_a = g * sum_gy / m, mean_a_xhat = g * r * sum_gy_d / m, mean_u = sum_u / m,
@@ -177,11 +183,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(const at::Ten
                                                                    const at::Tensor& weight) {
   const ChannelShape s = check_inputs("batch_norm_backward", grad_out, x, mean, rstd, weight);
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight);
+  const at::Tensor gamma = contiguous_or_undefined(weight);
   at::Tensor gx = at::empty_like(xc), gw = at::empty({s.c}, xc.options()), gb = at::empty({s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_backward", [&] {
     backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                              r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma),
+                              r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma),
                               gx.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
   });
   return {gx, gw, gb};
@@ -201,15 +207,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_double_backward(
     const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& weight,
     const at::Tensor& u, const at::Tensor& p, const at::Tensor& q) {
   const at::Tensor g = gy_or_gx.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight), uc = norm_args::contiguous_or_undefined(u),
-                   pc = norm_args::contiguous_or_undefined(p), qc = norm_args::contiguous_or_undefined(q),
-                   gw = norm_args::contiguous_or_undefined(rebuilt_gw), gb = norm_args::contiguous_or_undefined(rebuilt_gb);
+  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
+                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q),
+                   gw = contiguous_or_undefined(rebuilt_gw), gb = contiguous_or_undefined(rebuilt_gb);
   at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "batch_norm_double_backward", [&] {
     double_backward_kernel<scalar_t, kFromGradX>(
-        s, g.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gw), norm_args::data_or_null<scalar_t>(gb), xc.data_ptr<scalar_t>(),
-        mu.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma), norm_args::data_or_null<scalar_t>(uc),
-        norm_args::data_or_null<scalar_t>(pc), norm_args::data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+        s, g.data_ptr<scalar_t>(), data_or_null<scalar_t>(gw), data_or_null<scalar_t>(gb), xc.data_ptr<scalar_t>(),
+        mu.data_ptr<scalar_t>(), r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma), data_or_null<scalar_t>(uc),
+        data_or_null<scalar_t>(pc), data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
         d_w.data_ptr<scalar_t>());
   });
   return {d_gy, d_x, d_w};

@@ -23,6 +23,9 @@
 namespace nio_fast {
 namespace {
 
+using norm_args::contiguous_or_undefined;
+using norm_args::data_or_null;
+
 struct GroupShape {
   int64_t n, c, hw, groups, per_group;  // per_group: channels per group
 };
@@ -44,7 +47,6 @@ GroupShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Te
   const int64_t hw = n * c == 0 ? 0 : x.numel() / (n * c);
   return {n, c, hw, groups, c / groups};
 }
-
 
 template <typename T>
 void backward_kernel(const GroupShape& s, const T* gy, const T* x, const T* mean, const T* rstd, const T* gamma,
@@ -172,11 +174,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward(const at::Ten
                                                                    const at::Tensor& weight, int64_t groups) {
   const GroupShape s = check_inputs("group_norm_backward", grad_out, x, mean, rstd, weight, groups);
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight);
+  const at::Tensor gamma = contiguous_or_undefined(weight);
   at::Tensor gx = at::empty_like(xc), gw = at::empty({s.n, s.c}, xc.options()), gb = at::empty({s.n, s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "group_norm_backward", [&] {
     backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                              r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma), gx.data_ptr<scalar_t>(),
+                              r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma), gx.data_ptr<scalar_t>(),
                               gw.data_ptr<scalar_t>(), gb.data_ptr<scalar_t>());
   });
   return {gx, gw, gb};
@@ -190,14 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_double_backward(
   norm_args::check_like_x(fn, u, x);
   norm_args::check_holds(fn, "p and q", "N * C", s.n * s.c, x, {&p, &q});
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight), uc = norm_args::contiguous_or_undefined(u),
-                   pc = norm_args::contiguous_or_undefined(p), qc = norm_args::contiguous_or_undefined(q);
+  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
+                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q);
   at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.n, s.c}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "group_norm_double_backward", [&] {
     double_backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                                     r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma),
-                                     norm_args::data_or_null<scalar_t>(uc), norm_args::data_or_null<scalar_t>(pc),
-                                     norm_args::data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+                                     r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma),
+                                     data_or_null<scalar_t>(uc), data_or_null<scalar_t>(pc),
+                                     data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
                                      d_w.data_ptr<scalar_t>());
   });
   return {d_gy, d_x, d_w};

@@ -21,6 +21,9 @@
 namespace nio_fast {
 namespace {
 
+using norm_args::contiguous_or_undefined;
+using norm_args::data_or_null;
+
 struct RowShape {
   int64_t rows, e;
 };
@@ -42,23 +45,22 @@ RowShape check_inputs(const char* fn, const at::Tensor& grad_out, const at::Tens
 }
 
 
-// Per-thread [E] partial sums of the affine gradients, added in thread order at the end.
+// Per-thread [E] partial sums of the weight gradient, added in thread order at the end.
 class RowSums {
  public:
-  RowSums(int64_t e, int64_t count)
-      : e_(e), count_(count), threads_(at::get_num_threads()), sums_(static_cast<size_t>(threads_ * count * e), 0.0) {}
-  double* of_this_thread(int64_t which) { return sums_.data() + (at::get_thread_num() * count_ + which) * e_; }
+  explicit RowSums(int64_t e) : e_(e), threads_(at::get_num_threads()), sums_(static_cast<size_t>(threads_ * e), 0.0) {}
+  double* of_this_thread() { return sums_.data() + at::get_thread_num() * e_; }
   template <typename T>
-  void write(int64_t which, T* out) const {
+  void write(T* out) const {
     for (int64_t k = 0; k < e_; ++k) {
       double total = 0;
-      for (int64_t thread = 0; thread < threads_; ++thread) total += sums_[(thread * count_ + which) * e_ + k];
+      for (int64_t thread = 0; thread < threads_; ++thread) total += sums_[thread * e_ + k];
       out[k] = static_cast<T>(total);
     }
   }
 
  private:
-  int64_t e_, count_, threads_;
+  int64_t e_, threads_;
   std::vector<double> sums_;
 };
 
@@ -67,9 +69,9 @@ void double_backward_kernel(const RowShape& s, const T* gy, const T* x, const T*
                             const T* gamma, const T* u, const T* p, const T* q, T* d_gy, T* d_x, T* d_w) {
   const int64_t e = s.e;
   const double m = static_cast<double>(e);
-  RowSums sums(e, 1);
+  RowSums sums(e);
   at::parallel_for(0, s.rows, 1, [&](int64_t begin, int64_t end) {
-    double* sum_d_w = sums.of_this_thread(0);
+    double* sum_d_w = sums.of_this_thread();
     // d_w is summed over rows in T for blocks of kBlockRows (a vectorised loop), then in double.
     constexpr int64_t kBlockRows = 32;
     std::vector<T> block_d_w(e, T(0));
@@ -120,7 +122,7 @@ void double_backward_kernel(const RowShape& s, const T* gy, const T* x, const T*
       }
     }
   });
-  sums.write(0, d_w);
+  sums.write(d_w);
 }
 
 }  // namespace
@@ -133,14 +135,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_double_backward(
   norm_args::check_like_x(fn, u, x);
   norm_args::check_holds(fn, "p and q", "E", s.e, x, {&p, &q});
   const at::Tensor gy = grad_out.contiguous(), xc = x.contiguous(), mu = mean.contiguous(), r = rstd.contiguous();
-  const at::Tensor gamma = norm_args::contiguous_or_undefined(weight), uc = norm_args::contiguous_or_undefined(u),
-                   pc = norm_args::contiguous_or_undefined(p), qc = norm_args::contiguous_or_undefined(q);
+  const at::Tensor gamma = contiguous_or_undefined(weight), uc = contiguous_or_undefined(u),
+                   pc = contiguous_or_undefined(p), qc = contiguous_or_undefined(q);
   at::Tensor d_gy = at::empty_like(xc), d_x = at::empty_like(xc), d_w = at::empty({s.e}, xc.options());
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "layer_norm_double_backward", [&] {
     double_backward_kernel<scalar_t>(s, gy.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mu.data_ptr<scalar_t>(),
-                                     r.data_ptr<scalar_t>(), norm_args::data_or_null<scalar_t>(gamma),
-                                     norm_args::data_or_null<scalar_t>(uc), norm_args::data_or_null<scalar_t>(pc),
-                                     norm_args::data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
+                                     r.data_ptr<scalar_t>(), data_or_null<scalar_t>(gamma),
+                                     data_or_null<scalar_t>(uc), data_or_null<scalar_t>(pc),
+                                     data_or_null<scalar_t>(qc), d_gy.data_ptr<scalar_t>(), d_x.data_ptr<scalar_t>(),
                                      d_w.data_ptr<scalar_t>());
   });
   return {d_gy, d_x, d_w};

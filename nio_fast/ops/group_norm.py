@@ -118,16 +118,12 @@ def _kernels(x: Tensor, backend: str):
     that cannot run raises."""
     if backend == "torch":
         return None
-    supported = x.dtype in _FUSED_DTYPES
     if backend != "triton":  # "cpp", or "auto" on the CPU
-        cpp = supported and x.device.type == "cpu" and availability.cpp_usable(x.device)
-        if backend == "cpp" and not cpp:
-            raise ValueError(f"backend: 'cpp' group_norm kernels need CPU float32/float64 tensors and the built "
-                             f"extension; got {x.dtype} on {x.device}")
-        if cpp or x.device.type != "cuda":
-            return availability.extension() if cpp else None
+        cpp = availability.cpu_kernels_for(x, backend, "group_norm")
+        if cpp is not None or x.device.type != "cuda":
+            return cpp
     # "triton", or "auto" on CUDA: only here is the Triton module imported
-    if supported and availability.triton_usable(x.device) and _triton_module() is not None:
+    if x.dtype in _FUSED_DTYPES and availability.triton_usable(x.device) and _triton_module() is not None:
         return _triton_module()
     if backend == "triton":
         raise ValueError(f"backend: 'triton' group_norm kernels need float32/float64 CUDA tensors (CPU ones "

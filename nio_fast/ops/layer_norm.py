@@ -5,8 +5,8 @@ derivative with ``layer_norm_double_backward``, a composite of about thirty elem
 reductions: 13% of an NIO iteration on the small ViT (batch 64, D = 4, 2-core CPU,
 torch.profiler). Here the backward is PyTorch's fused kernel, wrapped in an autograd Function
 whose derivative is a fused kernel of the extension (``csrc/layer_norm.cpp``: a statistics pass
-and an output pass per row). float32 / float64 on the CPU, outside torch.func transforms; everything else is
-``F.layer_norm`` itself (CUDA included: no GPU kernel yet).
+and an output pass per row). float32 / float64 on the CPU, outside torch.func transforms;
+everything else is ``F.layer_norm`` itself (CUDA included: no GPU kernel yet).
 
 The plain twins are GroupNorm's (``group_norm.py``): a row of E normalised values is one sample
 of E channels in one group, so [R, E, 1] with 1 group turns one into the other.
@@ -148,8 +148,9 @@ def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weigh
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    routed = (len(shape) > 0 and input.dim() >= len(shape) and tuple(input.shape[input.dim() - len(shape):]) == shape
-              and input.numel() > 0 and not torch._C._are_functorch_transforms_active())
+    routed = (len(shape) > 0 and input.dim() >= len(shape) and input.numel() > 0
+              and tuple(input.shape[input.dim() - len(shape):]) == shape
+              and not torch._C._are_functorch_transforms_active())
     if not routed or (backend != "torch" and _kernels(input, backend) is None):
         return F.layer_norm(input, normalized_shape, weight, bias, eps)  # (its own errors, too)
     return _LayerNorm.apply(input, list(shape), weight, bias, eps, backend)[0]
