@@ -49,6 +49,26 @@ def test_backward_twin_equals_autograd_of_f_group_norm_per_sample(dtype, shape, 
         assert_near(grad_bias[n], expected[2], dtype)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,groups", CASES)
+def test_weight_per_sample_and_its_gradient_equal_the_product_with_x_hat(backend, dtype, shape, groups):
+    gen = torch.Generator().manual_seed(len(shape) * 7 + groups)
+    x, _, _ = inputs(shape, dtype, gen)
+    grad_out = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    cotangent = torch.randn(shape[:2], generator=gen, dtype=torch.float64).to(dtype)
+    results = []
+    for ours in (True, False):
+        g, xs = grad_out.clone().requires_grad_(), x.clone().requires_grad_()
+        if ours:
+            rows = ops.group_norm_weight_per_sample(g, xs, groups, backend=backend)
+        else:
+            rows = (g * F.group_norm(xs, groups)).reshape(shape[0], shape[1], -1).sum(-1)
+        results.append((rows, *torch.autograd.grad(rows, (g, xs), cotangent)))
+    for mine, theirs in zip(*results):
+        assert_near(mine, theirs, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape,groups", CASES)
 @pytest.mark.parametrize("present", ["upq", "u", "pq", "p"])

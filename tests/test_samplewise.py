@@ -99,6 +99,38 @@ def test_both_outer_routes_are_exact(forced, monkeypatch):
         assert forced in set(result.routes.values())
 
 
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sub_batches", ["samples", 3])
+@pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer", "reused_and_unknown"])
+def test_weights_materialised_in_channel_blocks_are_exact(monkeypatch, name, sub_batches, dtype, rtol):
+    """Per-sample weight rows formed a block of 1-2 output channels at a time (forward and
+    recomputing backward) give the Gram and scale gradients of the reference."""
+    from nio_fast.samplewise import blocked_gram
+    monkeypatch.setattr(blocked_gram, "BLOCK_ELEMENTS", 1)
+    monkeypatch.setattr(blocked_gram, "MIN_BLOCK_CHANNELS", 2 if dtype == torch.float64 else 1)
+    monkeypatch.setattr(engine, "choose_outer_route", lambda *sizes: "materialize")
+    monkeypatch.setattr(engine, "_chunks_beat_ghost", lambda *args: False)
+    calls = []
+    monkeypatch.setattr(blocked_gram._BlockedGram, "apply",
+                        lambda *args, _apply=blocked_gram._BlockedGram.apply: calls.append(args[1]) or _apply(*args))
+    model, batch = build(name, dtype, seed=4)
+    check_against_reference(model, batch, rtol, sub_batches=sub_batches, mode="factors")
+    if name == "conv_zoo" or sub_batches != "samples":  # (linear layers alone materialise per sample pair)
+        assert calls and any(len(blocks) > 1 for blocks in calls)
+
+
+def test_channel_blocks_tile_the_channels_near_evenly():
+    from nio_fast.samplewise.blocked_gram import BLOCK_ELEMENTS, MIN_BLOCK_CHANNELS, channel_blocks
+    assert channel_blocks(64, 16, 576) == [(0, 64)]  # rows of 590k values: one block
+    blocks = channel_blocks(256, 64, 2304)  # a 256 x 256 x 3 x 3 convolution at N = 64
+    assert blocks[0][0] == 0 and blocks[-1][1] == 256
+    assert all(end == start for (_, end), (start, _) in zip(blocks[:-1], blocks[1:]))
+    widths = [end - start for start, end in blocks]
+    assert max(widths) - min(widths) <= 1 and max(widths) <= max(MIN_BLOCK_CHANNELS, BLOCK_ELEMENTS // (64 * 2304))
+    assert channel_blocks(100, 1, 1 << 16) == [(0, 25), (25, 50), (50, 75), (75, 100)]  # <= 32 channels each
+    assert min(end - start for start, end in channel_blocks(512, 256, 4608)) >= MIN_BLOCK_CHANNELS
+
+
 @pytest.mark.parametrize("chunk_sums", [True, False], ids=["chunk-sums", "sample-grams"])
 @pytest.mark.parametrize("sub_batches,overlap", [(2, 0.0), (3, 0.3), (4, 0.0), (5, 0.5)])
 @pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer", "token_transformer_seq_first",

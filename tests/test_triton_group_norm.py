@@ -80,6 +80,22 @@ def test_triton_backend_end_to_end_equals_f_group_norm(dtype):
             assert_near(ours, theirs, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_triton_weight_per_sample_equals_the_product_with_x_hat(dtype):
+    gen = torch.Generator().manual_seed(29)
+    x, grad_out = (random((3, 6, 4, 5), dtype, gen) for _ in range(2))
+    cotangent = random((3, 6), dtype, gen)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (grad_out, x)]
+        rows = fn(*leaves)
+        return [rows, *torch.autograd.grad(rows, leaves, cotangent)]
+
+    for ours, theirs in zip(run(lambda g, x: ops.group_norm_weight_per_sample(g, x, 3, backend="triton")),
+                            run(lambda g, x: (g * F.group_norm(x, 3)).reshape(3, 6, -1).sum(-1))):
+        assert_near(ours, theirs, dtype)
+
+
 def test_a_named_backend_that_cannot_run_is_refused():
     with pytest.raises(ValueError, match="backend: 'triton' group_norm kernels need float32/float64"):
         ops.group_norm(torch.randn(2, 4, 3, dtype=torch.float16, device=DEVICE), 2, backend="triton")

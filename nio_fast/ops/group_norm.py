@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from .. import availability
 
@@ -234,6 +235,42 @@ class _GroupNormBackward(Function):
                                                                   _merge(rstd), groups, eps, backend)
         split = x.shape[:2] + (x.shape[2],)
         return (grad_x.reshape(x.shape), grad_weight.reshape(split), grad_bias.reshape(split)), (0, 0, 0)
+
+
+class _GroupNormWeightPerSample(Function):
+    """sum over positions of grad_out * x_hat per sample and channel, without storing x_hat."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, groups, eps, kernels):
+        n, c = x.shape[:2]
+        _, mean, rstd = torch.native_group_norm(x, None, None, n, c, x.numel() // max(n * c, 1), groups, eps)
+        _, rows, _ = kernels.group_norm_backward(grad_out, x, mean, rstd, None, groups)
+        ctx.save_for_backward(grad_out, x, mean, rstd)
+        ctx.groups, ctx.kernels = groups, kernels
+        return rows
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        grad_out, x, mean, rstd = ctx.saved_tensors
+        d_grad_out, d_x, _ = ctx.kernels.group_norm_double_backward(grad_out, x, mean, rstd, None, ctx.groups,
+                                                                    None, grad_rows, None)
+        return d_grad_out, d_x, None, None, None
+
+
+def group_norm_weight_per_sample(grad_out: Tensor, x: Tensor, num_groups: int, eps: float = 1e-5, *,
+                                 backend: str = "auto") -> Tensor:
+    """[N, C]: each sample's gradient of a GroupNorm weight, sum over positions of grad_out * x_hat.
+
+    Differentiable once. With the fused kernels it is one pass of the fused backward, and its
+    derivative one of the double backward: x_hat (the size of the activation) is neither formed
+    nor kept for the backward, as the plain product would keep it.
+    """
+    kernels = _kernels(x, backend)
+    if kernels is None:
+        x_hat = F.group_norm(x, num_groups, None, None, eps)
+        return _spatial_sum(grad_out * x_hat)
+    return _GroupNormWeightPerSample.apply(grad_out, x, num_groups, eps, kernels)
 
 
 def group_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,

@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops.gram import accumulation_dtype
 from ..algorithms.batching import call_model, num_samples, slice_rows
+from .blocked_gram import blockable, blocked_weight_gram
 from .factors import chunk_sums, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
 
@@ -105,6 +106,10 @@ class _ParameterUses:
     def chunk_rule_only(self) -> bool:
         """Every use is a linear or convolution weight: ``chunk_sums`` covers the parameter."""
         return bool(self.entries) and all(has_chunk_rule(use, role) for use, role, _ in self.entries)
+
+    def blockable(self) -> bool:
+        """Every use is a linear or ungrouped convolution weight: :mod:`.blocked_gram` takes it."""
+        return bool(self.entries) and all(blockable(use, role) for use, role, _ in self.entries)
 
     def single_embedding(self) -> bool:
         return len(self.entries) == 1 and self.entries[0][0].kind == EMBEDDING
@@ -223,6 +228,9 @@ def _embedding_gram(uses: _ParameterUses, dtype: torch.dtype) -> torch.Tensor:
 
 def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
                   weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
+    if uses.blockable():  # linear / convolution weights: rows formed a block of channels at a time
+        finish = (lambda rows: rows) if weights is None else (lambda rows: ops.chunk_sums(rows, weights))
+        return blocked_weight_gram([(use, grad) for use, _, grad in uses.entries], param.shape, dtype, finish)
     return _gram_of_summed_rows(uses, lambda use, role, grad: per_sample_vectors(use, role, grad, param),
                                 lambda total: _vector_gram(total, dtype, weights), uses.num_samples, param.numel())
 
