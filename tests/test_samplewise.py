@@ -99,12 +99,13 @@ def test_both_outer_routes_are_exact(forced, monkeypatch):
         assert forced in set(result.routes.values())
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("sub_batches", ["samples", 3])
 @pytest.mark.parametrize("name", ["conv_zoo", "sequence_zoo", "token_transformer", "reused_and_unknown"])
-def test_weights_materialised_in_channel_blocks_are_exact(monkeypatch, name, sub_batches, dtype, rtol):
-    """Per-sample weight rows formed a block of 1-2 output channels at a time (forward and
-    recomputing backward) give the Gram and scale gradients of the reference."""
+def test_weights_materialised_in_channel_blocks_are_exact(monkeypatch, name, sub_batches, dtype, rtol, keep):
+    """Per-sample weight rows formed a block of 1-2 output channels at a time (forward, and a
+    backward that recomputes them or keeps them) give the Gram and scale gradients of the reference."""
     from nio_fast.samplewise import blocked_gram
     monkeypatch.setattr(blocked_gram, "BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(blocked_gram, "MIN_BLOCK_CHANNELS", 2 if dtype == torch.float64 else 1)
@@ -112,7 +113,8 @@ def test_weights_materialised_in_channel_blocks_are_exact(monkeypatch, name, sub
     monkeypatch.setattr(engine, "_chunks_beat_ghost", lambda *args: False)
     calls = []
     monkeypatch.setattr(blocked_gram._BlockedGram, "apply",
-                        lambda *args, _apply=blocked_gram._BlockedGram.apply: calls.append(args[1]) or _apply(*args))
+                        lambda rows, blocks, axes, _, *tensors, _apply=blocked_gram._BlockedGram.apply:
+                        calls.append(blocks) or _apply(rows, blocks, axes, keep, *tensors))
     model, batch = build(name, dtype, seed=4)
     check_against_reference(model, batch, rtol, sub_batches=sub_batches, mode="factors")
     if name == "conv_zoo" or sub_batches != "samples":  # (linear layers alone materialise per sample pair)
