@@ -238,6 +238,20 @@ def test_auto_keeps_the_loop_for_a_loss_that_is_not_a_sample_mean():
     assert abs(float(result.value) - float(gc)) < 1e-10
 
 
+@pytest.mark.parametrize("sub_batches", ["samples", 3])
+def test_layers_whose_output_is_then_modified_in_place(sub_batches):
+    """ReLU(inplace=True) after a GroupNorm and after a convolution: each layer's factor is the
+    gradient of its own output, not of the value the in-place op left in that tensor."""
+    from torch import nn
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.ReLU(inplace=True),
+                          nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(6 * 25, 4), nn.ReLU(inplace=True), nn.Linear(4, 4)).double()
+    batch = (torch.randn(7, 3, 5, 5, dtype=torch.float64), torch.randint(0, 4, (7,)))
+    result = check_against_reference(model, batch, 1e-10, sub_batches=sub_batches, mode="factors")
+    assert "autograd" not in result.routes.values()
+
+
 def test_unbatched_layer_calls_take_the_autograd_route():
     """A layer applied to one unbatched tensor (no sample axis) is not read as per-sample."""
     from torch import nn

@@ -14,6 +14,7 @@ ResNet-18 layer shapes, N = 16 to 256), as long as a block keeps at least 8 outp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
@@ -138,10 +139,7 @@ def blocked_weight_gram(entries: Sequence[tuple[LayerUse, torch.Tensor]], weight
     """
     uses = [use for use, _ in entries]
     num = entries[0][1].shape[uses[0].sample_axis]
-    channels, per_channel = weight_shape[0], 1
-    for size in weight_shape[1:]:
-        per_channel *= size
-    blocks = channel_blocks(channels, num, per_channel)
+    channels, per_channel = weight_shape[0], math.prod(weight_shape[1:])
 
     def rows_of_block(tensors: Sequence[torch.Tensor], width: int) -> torch.Tensor:
         block_shape = (width, *weight_shape[1:])
@@ -151,9 +149,12 @@ def blocked_weight_gram(entries: Sequence[tuple[LayerUse, torch.Tensor]], weight
             total = rows if total is None else total + rows
         return finish_rows(total.to(dtype))
 
+    keep = num * channels * per_channel <= sum(grad.numel() for _, grad in entries)
+    # kept rows are small: one block (a narrowed output gradient would be copied for their graph)
+    blocks = [(0, channels)] if keep else channel_blocks(channels, num, per_channel)
+
     tensors, slice_axes = [], []
     for use, grad in entries:
         tensors += [use.inputs, grad]
         slice_axes += [None, output_channel_axis(use, grad)]
-    keep = num * channels * per_channel <= sum(grad.numel() for _, grad in entries)
     return _BlockedGram.apply(rows_of_block, blocks, tuple(slice_axes), keep, *tensors)

@@ -25,6 +25,7 @@ training steps, whatever N.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -235,6 +236,76 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
                                 lambda total: _vector_gram(total, dtype, weights), uses.num_samples, param.numel())
 
 
+class _PartPlanner:
+    """Each parameter's part of the Gram, formed during the backward that makes its factors.
+
+    A hook on every recorded output takes its gradient; once all of a parameter's uses have
+    theirs, the parameter's part is formed there and then. Why: the double backward runs nodes
+    in reverse order of creation, so a part made right after its layer's output gradient has
+    its backward run right before that gradient's own producer, which consumes the cotangent
+    at once. Parts made after the whole backward ran their backwards first, and every layer's
+    output-gradient cotangent waited for the rest of the double backward: the largest item of
+    its peak memory.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], factored: Sequence[LayerUse], unfactored: dict[int, str],
+                 dtype: torch.dtype, chunks: Optional[Sequence[tuple[int, int]]],
+                 weights: Optional[ops.ChunkWeighting]) -> None:
+        self.params, self.factored, self.unfactored = params, factored, unfactored
+        self.dtype, self.chunks, self.weights = dtype, chunks, weights
+        self.expected: dict[int, int] = defaultdict(int)
+        for use in factored:
+            for index in use.roles.values():
+                if index not in unfactored:
+                    self.expected[index] += 1
+        self.uses: dict[int, _ParameterUses] = defaultdict(_ParameterUses)
+        self.parts: dict[int, torch.Tensor] = {}
+        self.routes: dict[int, str] = {}
+
+    @contextlib.contextmanager
+    def listening(self, recorder: FactorRecorder) -> Iterator[None]:
+        """Form parts from the recorder's output hooks during the backward run inside."""
+        recorder.on_output_grad = self._on_output_grad
+        try:
+            yield
+        finally:
+            recorder.on_output_grad = None
+            recorder.remove_hooks()
+
+    def _on_output_grad(self, use: LayerUse, grad: torch.Tensor) -> None:
+        for role, index in use.roles.items():
+            if index in self.unfactored:
+                continue
+            uses = self.uses[index]
+            uses.entries.append((use, role, grad))
+            if len(uses.entries) == self.expected[index]:
+                self._form(index)
+
+    def finish(self) -> None:
+        for index, uses in self.uses.items():
+            if index not in self.parts and uses.entries:
+                self._form(index)
+
+    def _form(self, index: int) -> None:
+        uses, param, dtype, weights = self.uses[index], self.params[index], self.dtype, self.weights
+        if self.chunks is not None and uses.chunk_rule_only() and _chunks_beat_ghost(uses, param, self.chunks):
+            self.parts[index], self.routes[index] = _chunk_sums_gram(uses, param, dtype, self.chunks), CHUNKS
+            return
+        route = _outer_route(uses, param) if uses.outer_only() else None
+        # Materialising: by outer_gram's bmm for linear layers per sample pair; as per-sample
+        # vectors for convolutions (grouped weight-gradient conv), and for linear layers too
+        # when chunks will average them (the N x N Gram of them is then skipped).
+        if route == GHOST or (route == MATERIALIZE and uses.entries[0][0].kind != CONV and weights is None):
+            part = _reduce(_outer_gram(uses, param, dtype, route), weights)
+        elif route == MATERIALIZE:
+            part = _vectors_gram(uses, param, dtype, weights)
+        elif uses.single_embedding():
+            part, route = _reduce(_embedding_gram(uses, dtype), weights), EMBEDDING_ROUTE
+        else:
+            part, route = _vectors_gram(uses, param, dtype, weights), VECTORS
+        self.parts[index], self.routes[index] = part, route
+
+
 def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
                     params: Sequence[torch.Tensor], create_graph: bool,
                     chunks: Optional[Sequence[tuple[int, int]]] = None) -> SampleGram:
@@ -267,48 +338,22 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     factored = [use for use in recorder.uses if any(i not in recorder.unfactored for i in use.roles.values())]
     seen = recorder.unfactored.keys() | {i for use in factored for i in use.roles.values()}
     unseen = [i for i in range(len(params)) if i not in seen]
+    weights = None if chunks is None else ops.ChunkWeighting.from_bounds(chunks, num, dtype, params[0].device)
+    planner = _PartPlanner(params, factored, recorder.unfactored, dtype, chunks, weights)
     # One backward: the output gradients of the recorded ops, and (nearly free alongside) whether
     # a parameter no recorded op used still reaches the loss, through an op the mode cannot see
-    # (e.g. nn.GRU's fused C++ call): those take the autograd route.
-    wanted = [use.output for use in factored] + [params[i] for i in unseen]
-    grads = torch.autograd.grad(total_loss, wanted, create_graph=create_graph, retain_graph=True,
-                                allow_unused=True) if wanted else []
-    outputs_grads = grads[:len(factored)]
+    # (e.g. nn.GRU's fused C++ call): those take the autograd route. Each parameter's part is
+    # formed inside it, as soon as its last use's output gradient is ready (a hook).
+    wanted = [use.output_edge for use in factored] + [params[i] for i in unseen]
+    with planner.listening(recorder):
+        grads = torch.autograd.grad(total_loss, wanted, create_graph=create_graph, retain_graph=True,
+                                    allow_unused=True) if wanted else []
     unfactored = dict(recorder.unfactored)
     for index, grad in zip(unseen, grads[len(factored):]):
         if grad is not None:
             unfactored[index] = "used by an op that bypasses torch-function dispatch (a fused C++ call)"
-    by_param: dict[int, _ParameterUses] = defaultdict(_ParameterUses)
-    for use, grad in zip(factored, outputs_grads):
-        if grad is None:  # this op's output does not reach the loss
-            continue
-        for role, index in use.roles.items():
-            if index not in unfactored:
-                by_param[index].entries.append((use, role, grad))
-
-    weights = None if chunks is None else ops.ChunkWeighting.from_bounds(chunks, num, dtype, params[0].device)
-    routes: dict[int, str] = {}
-    parts = []
-    for index, uses in sorted(by_param.items()):
-        param = params[index]
-        if chunks is not None and uses.chunk_rule_only() and _chunks_beat_ghost(uses, param, chunks):
-            parts.append(_chunk_sums_gram(uses, param, dtype, chunks))
-            routes[index] = CHUNKS
-            continue
-        route = _outer_route(uses, param) if uses.outer_only() else None
-        # Materialising: by outer_gram's bmm for linear layers per sample pair; as per-sample
-        # vectors for convolutions (grouped weight-gradient conv), and for linear layers too
-        # when chunks will average them (the N x N Gram of them is then skipped).
-        if route == GHOST or (route == MATERIALIZE and uses.entries[0][0].kind != CONV and weights is None):
-            part = _reduce(_outer_gram(uses, param, dtype, route), weights)
-        elif route == MATERIALIZE:
-            part = _vectors_gram(uses, param, dtype, weights)
-        elif uses.single_embedding():
-            part, route = _reduce(_embedding_gram(uses, dtype), weights), EMBEDDING_ROUTE
-        else:
-            part, route = _vectors_gram(uses, param, dtype, weights), VECTORS
-        parts.append(part)
-        routes[index] = route
+    planner.finish()  # parameters some of whose uses never got a gradient
+    routes, parts = planner.routes, [planner.parts[index] for index in sorted(planner.parts)]
 
     reasons: dict[int, str] = {}
     if unfactored:

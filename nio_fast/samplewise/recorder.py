@@ -16,10 +16,12 @@ sequence and sample axes; it is replaced by an equal decomposition whose project
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+import functools
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -38,8 +40,12 @@ class LayerUse:
     """Role ("weight", "bias", "operand") -> index of the parameter in the selection."""
     inputs: Optional[torch.Tensor]
     """The op's data input (layer input, embedding ids, or the other operand of a broadcast op)."""
-    output: torch.Tensor
-    """The op's output; the engine takes dL/d(output) for every use."""
+    output_edge: GradientEdge
+    """Where dL/d(output) of this op arrives: the engine asks autograd for it by this edge (the
+    output itself is not kept alive), and a hook registered at the call passes it on. Both
+    belong to the op's own output even where the model then modifies it in place (a
+    ReLU(inplace=True) after a GroupNorm): a hook or a tensor taken later would see the gradient
+    of the modified value."""
     sample_axis: int
     """Axis of ``inputs`` and ``output`` that indexes samples (0, or 1 inside attention)."""
     config: dict[str, Any] = field(default_factory=dict)
@@ -88,7 +94,20 @@ class FactorRecorder(TorchFunctionMode):
         self.uses: list[LayerUse] = []
         self.unfactored: dict[int, str] = {}
         """Parameter index -> why its per-sample gradient needs autograd (the first reason seen)."""
+        self.on_output_grad: Optional[Callable[[LayerUse, torch.Tensor], None]] = None
+        """Called with (use, dL/d(output)) as a backward reaches each recorded output."""
         self._sample_axis = 0
+        self._hooks: list[Any] = []
+
+    def remove_hooks(self) -> None:
+        """Detach the output hooks (before any other backward runs through the recorded graph)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    def _output_grad(self, use: LayerUse, grad: torch.Tensor) -> None:
+        if self.on_output_grad is not None:
+            self.on_output_grad(use, grad)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _selected(self, obj: Any) -> Optional[int]:
@@ -119,6 +138,7 @@ class FactorRecorder(TorchFunctionMode):
             use = f"{_name(func)} called in a form the factor rules do not parse ({type(error).__name__}: {error})"
         if isinstance(use, LayerUse):
             self.uses.append(use)
+            self._hooks.append(out.register_hook(functools.partial(self._output_grad, use)))
             stray = set(touched) - set(use.roles.values())
             self._mark_unfactored(sorted(stray), f"passed to {_name(func)} as data")
         else:
@@ -188,7 +208,7 @@ class FactorRecorder(TorchFunctionMode):
             index = self._selected(tensor)
             if index is not None:
                 roles[role] = index
-        return LayerUse(kind, roles, data, out, self._sample_axis, dict(config or {}))
+        return LayerUse(kind, roles, data, get_gradient_edge(out), self._sample_axis, dict(config or {}))
 
     def _broadcast(self, func, args, kwargs, out) -> "LayerUse | str":
         """``x + p``, ``x - p``, ``p - x``, ``x * p``, ``p.expand(N, ...)``: p broadcast over samples."""
@@ -217,7 +237,7 @@ class FactorRecorder(TorchFunctionMode):
         if isinstance(other, torch.Tensor) and other.dim() >= out.dim() and other.shape[0] not in (1, self.num_samples):
             return f"{_name(func)} with an operand whose leading axis is not the sample axis"
         return LayerUse(BROADCAST, {"operand": self._selected(param)}, other if isinstance(other, torch.Tensor)
-                        else None, out, 0, {"op": op, "scalar": other if not isinstance(other, torch.Tensor)
+                        else None, get_gradient_edge(out), 0, {"op": op, "scalar": other if not isinstance(other, torch.Tensor)
                                                  else None})
 
 
