@@ -1,6 +1,6 @@
 """Peak resident memory of one NIO iteration, measured in a fresh process.
 
-    python benchmarks/peak_memory.py MODEL IMPLEMENTATION [D] [--batch N] [--threads T] [--width W]
+    python benchmarks/peak_memory.py MODEL IMPLEMENTATION [D] [--batch N] [--threads T] [--width W] [--allocated]
 
 prints one JSON line: the resident set after building the model and the batch, the peak
 after one iteration (reference, nio_fast, nio_fast_recompute: mode="exact_recompute"), training step (step), or sample-wise GradCosine
@@ -9,6 +9,8 @@ vmap; both take D = N, see test_samplewise.py), and their difference. A
 fresh process per measurement: the high-water mark only ever grows, so nothing else may have
 run before. The peak is VmHWM of /proc/self/status, which exec resets; ru_maxrss does not
 (a process started from a big parent, e.g. pytest after the timing suite, inherits its peak).
+With --allocated, also ``allocated_mb``: the tensor allocator's peak of a second, identical call
+(harness.allocated_peak_mb), which does not depend on what malloc keeps back.
 """
 from __future__ import annotations
 
@@ -53,6 +55,8 @@ def main() -> None:
     parser.add_argument("--warmup", action="store_true",
                         help="one call on 2 samples before the baseline: the first call of sample-wise GradCosine "
                              "or vmap imports ~900 modules (sympy, torch._dynamo: ~190 MB), a one-time cost")
+    parser.add_argument("--allocated", action="store_true",
+                        help="also the tensor allocator's peak of a second call (harness.allocated_peak_mb)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     options = {} if args.width is None else {"width": args.width}
@@ -60,15 +64,21 @@ def main() -> None:
     import nio_fast  # noqa: F401  (import cost and the extension are part of the baseline)
     if args.warmup and args.implementation in ("step", *SAMPLEWISE):
         (SAMPLEWISE.get(args.implementation) or training_step)(model, images(2, seed=1))
+    def run() -> None:
+        if args.implementation == "step":
+            training_step(model, batch)
+        elif args.implementation in SAMPLEWISE:
+            SAMPLEWISE[args.implementation](model, batch)
+        else:
+            IMPLEMENTATIONS[args.implementation](model, batch, args.sub_batches)
+
     baseline = resident_mb()
-    if args.implementation == "step":
-        training_step(model, batch)
-    elif args.implementation in SAMPLEWISE:
-        SAMPLEWISE[args.implementation](model, batch)
-    else:
-        IMPLEMENTATIONS[args.implementation](model, batch, args.sub_batches)
+    run()
     peak = peak_resident_mb()
-    print(json.dumps({"baseline_mb": baseline, "peak_mb": peak, "extra_mb": peak - baseline}))
+    result = {"baseline_mb": baseline, "peak_mb": peak, "extra_mb": peak - baseline}
+    if args.allocated:
+        result["allocated_mb"] = harness.allocated_peak_mb(run)  # a second call, after the resident peak
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

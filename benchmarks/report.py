@@ -183,7 +183,7 @@ def _ratio(part, whole):
 def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
     """One row per model and N: seconds and peak MB of a training step, sample-wise GradCosine with
     its backward (factors) and the vmap baseline, their ratios, and why a case was skipped."""
-    seconds, megabytes, routes = defaultdict(dict), defaultdict(dict), {}
+    seconds, megabytes, allocated, routes = defaultdict(dict), defaultdict(dict), defaultdict(dict), {}
     skipped = defaultdict(lambda: defaultdict(list))  # (model, N) -> reason -> ["seconds", "memory"]
     for r in timing:
         seconds[(r["model"], r["N"])][r["implementation"]] = r.get("seconds")
@@ -191,19 +191,23 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
             routes[(r["model"], r["N"])] = r["routes"]
     for r in memory:
         megabytes[(r["model"], r["N"])][r["implementation"]] = r.get("extra_mb")
+        allocated[(r["model"], r["N"])][r["implementation"]] = r.get("allocated_mb")
     for rows, measure in ((timing, "seconds"), (memory, "memory")):
         for r in rows:
             if r.get("skipped"):
                 skipped[(r["model"], r["N"])][r["skipped"]].append(measure)
     table = []
     for model, n in sorted(set(seconds) | set(megabytes)):
-        s, m = seconds[(model, n)], megabytes[(model, n)]
+        s, m, a = seconds[(model, n)], megabytes[(model, n)], allocated[(model, n)]
         table.append({
             "model": model, "N": n, "step s": s.get("step"), "sample-wise s": s.get("samplewise"),
             "vmap s": s.get("vmap_samples"), "sample-wise / step": _ratio(s.get("samplewise"), s.get("step")),
             "vmap / sample-wise": _ratio(s.get("vmap_samples"), s.get("samplewise")),
             "step MB": m.get("step"), "sample-wise MB": m.get("samplewise"), "vmap MB": m.get("vmap_samples"),
             "sample-wise MB / step MB": _ratio(m.get("samplewise"), m.get("step")),
+            "step alloc MB": a.get("step"), "sample-wise alloc MB": a.get("samplewise"),
+            "vmap alloc MB": a.get("vmap_samples"),
+            "sample-wise alloc / step alloc": _ratio(a.get("samplewise"), a.get("step")),
             "routes (sample-wise)": routes.get((model, n)),
             "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
                                  for reason, measures in skipped[(model, n)].items()) or None,
@@ -243,12 +247,17 @@ def _samplewise_notes(table: list[dict]) -> str:
             growth_text = f"sample-wise time growth from N = {low} to N = {high}: not measured"
         at = rows.get(n_target, {})
         steps, memory = at.get("sample-wise / step"), at.get("sample-wise MB / step MB")
+        allocated = at.get("sample-wise alloc / step alloc")
+        limit = SAMPLEWISE_TARGETS["memory"]
         steps_text = f"{steps:.2f} training steps" if steps is not None else "? training steps"
-        memory_text = f"{memory:.2f}x a step's peak memory" if memory is not None else "? x a step's peak memory"
+
+        def times(value):
+            return f"{value:.2f}x" if value is not None else "?x"
         lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {steps_text} "
-                     f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}) "
-                     f"and {memory_text} (target <= {SAMPLEWISE_TARGETS['memory']:g}: "
-                     f"{_verdict(memory, SAMPLEWISE_TARGETS['memory'])}).")
+                     f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
+                     f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
+                     f"{_verdict(allocated, limit)}) and {times(memory)} its peak resident memory "
+                     f"(target <= {limit:g}: {_verdict(memory, limit)}).")
     return "\n".join(lines)
 
 
@@ -260,7 +269,10 @@ SAMPLEWISE_NOTES = (
     "through layer_norm is inexact in torch 2.13, tests/test_vmap_safety.py: timed for its cost only). Seconds: "
     "medians of test_samplewise.py's schedule (one or two timed calls after at most one warm-up). MB: peak resident "
     "memory of one call in a fresh process above the process with model and batch built and one warm-up call on 2 "
-    "samples made (the first call's lazy imports, ~190 MB, are not the method's; peak_memory.py --warmup). vmap "
+    "samples made (the first call's lazy imports, ~190 MB, are not the method's; peak_memory.py --warmup); it "
+    "includes what glibc's malloc keeps back after frees. alloc MB: the tensor allocator's peak of a second call "
+    "in that process (torch.profiler's memory events; on CUDA the allocator's peak), the memory the method "
+    "itself needs at once (harness.allocated_peak_mb). vmap "
     "is skipped where its per-sample gradients (N x parameters x 4 B x 3) would pass 6 GB.")
 
 

@@ -174,12 +174,13 @@ def cuda_peak_memory(model_name: str, n: int, implementation: str) -> dict:
     evaluate(model, batch)
     synchronize()
     peak = torch.cuda.max_memory_allocated(DEVICE)
-    return {"baseline_mb": baseline / 2**20, "peak_mb": peak / 2**20, "extra_mb": (peak - baseline) / 2**20}
+    extra = (peak - baseline) / 2**20
+    return {"baseline_mb": baseline / 2**20, "peak_mb": peak / 2**20, "extra_mb": extra, "allocated_mb": extra}
 
 
 def peak_memory_command(model_name: str, n: int, implementation: str) -> list[str]:
     command = [sys.executable, str(SCRIPT), model_name, implementation, "--batch", str(n),
-               "--threads", str(torch.get_num_threads()), "--warmup"]
+               "--threads", str(torch.get_num_threads()), "--warmup", "--allocated"]
     if "width" in OPTIONS.get(model_name, {}):
         command += ["--width", str(OPTIONS[model_name]["width"])]
     return command
@@ -189,7 +190,8 @@ def peak_memory_command(model_name: str, n: int, implementation: str) -> list[st
 @pytest.mark.parametrize("n", MEMORY_SIZES)
 @pytest.mark.parametrize("model_name", MODELS)
 def test_samplewise_peak_memory(record, model_name, n, implementation):
-    """Peak resident memory of one call, each in a fresh process (peak_memory.py)."""
+    """Peak resident memory of one call, each in a fresh process, and the tensor allocator's peak
+    of a second call there (peak_memory.py --allocated)."""
     common = dict(model=model_name, N=n, implementation=implementation, threads=torch.get_num_threads(),
                   device=DEVICE.type)
     if reason := memory_skip_reason(model_name, n, implementation):

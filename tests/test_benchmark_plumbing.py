@@ -150,9 +150,11 @@ def _samplewise_raw_rows():
             timing.append({"model": model, "N": n, "implementation": "step", "seconds": 1.0})
             timing.append({"model": model, "N": n, "implementation": "samplewise", "seconds": samplewise[n],
                            "routes": "ghost 1, vectors 2"})
-            memory.append({"model": model, "N": n, "implementation": "step", "threads": 2, "extra_mb": 100.0})
+            memory.append({"model": model, "N": n, "implementation": "step", "threads": 2, "extra_mb": 100.0,
+                           "allocated_mb": 80.0})
             memory.append({"model": model, "N": n, "implementation": "samplewise", "threads": 2,
-                           "extra_mb": 150.0 if model == "fast" else 300.0})
+                           "extra_mb": 150.0 if model == "fast" else 300.0,
+                           "allocated_mb": 120.0 if model == "fast" else 200.0})
         timing.append({"model": model, "N": 16, "implementation": "vmap_samples", "seconds": 8.0})
         for n in (64, 256):  # the vmap cases that would not fit: a reason, no number
             reason = f"vmap skipped: per-sample gradients need ~{n / 8:.1f} GB"
@@ -171,6 +173,8 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert (first["step s"], first["sample-wise s"], first["vmap s"]) == (1.0, 2.0, 8.0)
     assert first["sample-wise / step"] == 2.0 and first["vmap / sample-wise"] == 4.0
     assert first["sample-wise MB / step MB"] == 1.5 and first["vmap MB"] is None
+    assert (first["step alloc MB"], first["sample-wise alloc MB"]) == (80.0, 120.0)
+    assert first["sample-wise alloc / step alloc"] == 1.5 and first["vmap alloc MB"] is None
     assert first["routes (sample-wise)"] == "ghost 1, vectors 2" and first["skipped"] is None
     skipped = table[1]
     assert skipped["vmap s"] is None and skipped["vmap / sample-wise"] is None
@@ -181,16 +185,20 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     fast, slow = notes
     assert "in training steps grows x1.75 from N = 16 to N = 256 (target < 2: met; seconds x1.75)" in fast
     assert "x1.50" not in fast  # the growth is N = 256 over N = 16, not 64 over 16
-    assert "3.00 training steps (target <= 5: met)" in fast and "1.50x a step's peak memory (target <= 2: met)" in fast
+    assert "3.00 training steps (target <= 5: met)" in fast
+    assert "1.50x a step's peak of allocated tensor memory (target <= 2: met)" in fast
+    assert "1.50x its peak resident memory (target <= 2: met)" in fast
     assert "x20.00 from N = 16 to N = 256 (target < 2: MISSED;" in slow
-    assert "12.00 training steps (target <= 5: MISSED)" in slow and "3.00x a step's peak memory (target <= 2: MISSED)" in slow
+    assert "12.00 training steps (target <= 5: MISSED)" in slow
+    assert "2.50x a step's peak of allocated tensor memory (target <= 2: MISSED)" in slow
+    assert "3.00x its peak resident memory (target <= 2: MISSED)" in slow
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
     quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
         {**r, "N": 4} for r in timing if r["N"] == 16 and r["model"] == "fast"], [])
     quick_note = report._samplewise_notes([r for r in quick if r["model"] == "fast"])
     assert "from N = 4 to N = 16 (target < 2 from N = 16 to 256: not measured)" in quick_note
-    assert quick_note.count("not measured") == 3
+    assert quick_note.count("not measured") == 4
 
     # The tables land where NIO_FAST_BENCH_RESULTS says (benchmarks/results is left alone).
     monkeypatch.setenv("NIO_FAST_BENCH_RESULTS", str(tmp_path))
@@ -202,3 +210,15 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert "(CPU, 2 thread(s))" in markdown and "target <= 5: MISSED" in markdown
     assert "| fast | 64 | 1 | 3 |" in markdown
     assert (tmp_path / "samplewise.png").stat().st_size > 0
+
+
+def test_allocated_peak_counts_the_tensors_live_at_once():
+    import harness
+
+    def two_then_one():
+        first = torch.randn(2**20)  # 4 MiB
+        second = first * 2  # 8 MiB live
+        del first
+        third = second + 1  # 8 MiB live again, never 12
+        return third.sum()
+    assert abs(harness.allocated_peak_mb(two_then_one) - 8.0) < 0.1
