@@ -35,6 +35,24 @@ def rows(x, normalized, eps=1e-5):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape,normalized", CASES)
+def test_weight_per_sample_and_its_gradient_equal_the_product_with_x_hat(dtype, shape, normalized):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = random(shape, dtype, gen) * 2 + 0.5
+    grad_out, cotangent = random(shape, dtype, gen), random((shape[0], *normalized), dtype, gen).flatten(1)
+    results = []
+    for ours in (True, False):
+        g, xs = grad_out.clone().requires_grad_(), x.clone().requires_grad_()
+        if ours:
+            rows = ops.layer_norm_weight_per_sample(g, xs, normalized)
+        else:
+            rows = (g * F.layer_norm(xs, normalized)).reshape(shape[0], -1, cotangent.shape[1]).sum(1)
+        results.append((rows, *torch.autograd.grad(rows, (g, xs), cotangent)))
+    for mine, theirs in zip(*results):
+        assert_near(mine, theirs, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,normalized", CASES)
 def test_twins_equal_autograd_of_f_layer_norm(dtype, shape, normalized):
     gen = torch.Generator().manual_seed(len(shape) * 10 + shape[-1])
     x, weight, _ = inputs(shape, normalized, dtype, gen)

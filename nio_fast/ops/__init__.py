@@ -12,7 +12,8 @@ from .batch_norm import batch_norm, batch_norm_backward_reference, batch_norm_do
 from .fused_norms import fused_norms
 from .group_norm import (group_norm, group_norm_backward_reference, group_norm_double_backward_reference,
                          group_norm_weight_per_sample)
-from .layer_norm import layer_norm, layer_norm_backward_reference, layer_norm_double_backward_reference
+from .layer_norm import (layer_norm, layer_norm_backward_reference, layer_norm_double_backward_reference,
+                         layer_norm_weight_per_sample)
 
 __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine_from_gram",
            "tensor_dots", "tensor_dots_reference",
@@ -21,4 +22,5 @@ __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine
            "outer_gram", "outer_gram_cost", "outer_gram_reference", "outer_gram_route",
            "fused_norms", "group_norm", "group_norm_backward_reference", "group_norm_double_backward_reference",
            "group_norm_weight_per_sample", "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference",
-           "layer_norm", "layer_norm_backward_reference", "layer_norm_double_backward_reference"]
+           "layer_norm", "layer_norm_backward_reference", "layer_norm_double_backward_reference",
+           "layer_norm_weight_per_sample"]

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+from torch.autograd.function import once_differentiable
 
 from .. import availability
 from .group_norm import group_norm_backward_reference, group_norm_double_backward_reference
@@ -134,6 +135,44 @@ class _LayerNormBackward(Function):
                                                                              u, _flat(p), _flat(q))
         return (d_grad_out, d_x, d_weight.reshape(weight.shape) if ctx.needs_input_grad[2] else None,
                 None, None, None, None, None, None)
+
+
+class _LayerNormWeightPerSample(Function):
+    """sum over positions of grad_out * x_hat per sample, without storing x_hat."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, normalized_shape, eps):
+        x_hat, mean, rstd = torch.native_layer_norm(x, normalized_shape, None, None, eps)
+        ctx.save_for_backward(grad_out, x, mean, rstd)
+        ctx.normalized_shape = normalized_shape
+        return _per_sample_sum(grad_out * x_hat, normalized_shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_rows):
+        grad_out, x, mean, rstd = ctx.saved_tensors
+        spread = grad_rows.reshape(grad_rows.shape[0], *([1] * (x.dim() - 1 - len(ctx.normalized_shape))),
+                                   *ctx.normalized_shape)  # the same for every position of a sample
+        d_grad_out = (x - mean) * rstd * spread
+        d_x = torch.ops.aten.native_layer_norm_backward(grad_out * spread, x, ctx.normalized_shape, mean, rstd,
+                                                        None, None, [True, False, False])[0]
+        return d_grad_out, d_x, None, None
+
+
+def _per_sample_sum(t: Tensor, normalized_shape: Sequence[int]) -> Tensor:
+    return t.reshape(t.shape[0], -1, math.prod(normalized_shape)).sum(1)
+
+
+def layer_norm_weight_per_sample(grad_out: Tensor, x: Tensor, normalized_shape: Sequence[int],
+                                 eps: float = 1e-5) -> Tensor:
+    """[N, prod(normalized_shape)]: each sample's gradient of a LayerNorm weight, the sum over its
+    positions of grad_out * x_hat (samples on the first axis of both).
+
+    Differentiable once, through PyTorch's fused LayerNorm backward: x_hat is formed for the sum
+    and dropped, where the plain product would keep it for its backward (an activation's worth
+    of memory per LayerNorm).
+    """
+    return _LayerNormWeightPerSample.apply(grad_out, x, tuple(normalized_shape), eps)
 
 
 def layer_norm(input: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..ops import group_norm_weight_per_sample
+from ..ops import group_norm_weight_per_sample, layer_norm_weight_per_sample
 from .recorder import BROADCAST, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, LayerUse
 
 
@@ -164,8 +164,7 @@ def per_sample_vectors(use: LayerUse, role: str, output_grad: torch.Tensor, para
     if use.kind == LAYER_NORM:
         shape = use.config["normalized_shape"]
         if role == "weight":
-            x = sample_major(use.inputs, use)
-            b = b * F.layer_norm(x, shape, None, None, use.config["eps"])
+            return layer_norm_weight_per_sample(b, sample_major(use.inputs, use), shape, use.config["eps"])
         return b.reshape(num, -1, math.prod(shape)).sum(1)
     if use.kind == GROUP_NORM:
         if role == "weight":
