@@ -74,15 +74,23 @@ def _plot_iteration(table: list[dict]) -> None:
 
 def _memory_rows(rows: list[dict]) -> list[dict]:
     step = {r["model"]: r["extra_mb"] for r in rows if r["implementation"] == "step"}
-    grouped = defaultdict(dict)
+    grouped, allocated, spread = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for r in rows:
         if r["implementation"] != "step":
-            grouped[(r["model"], r["D"])][r["implementation"]] = r["extra_mb"]
+            key = (r["model"], r["D"])
+            grouped[key][r["implementation"]] = r["extra_mb"]
+            allocated[key][r["implementation"]] = r.get("allocated_mb")
+            runs = r.get("extra_mb_runs") or []
+            spread[key][r["implementation"]] = f"{min(runs):.0f}-{max(runs):.0f}" if runs else None
+
     def ratio(m, implementation):
         return m[implementation] / m["reference"] if m.get(implementation) and m.get("reference") else None
 
     return [{"model": model, "D": d, "step MB": step.get(model), "reference MB": m.get("reference"),
              "nio_fast MB": m.get("nio_fast"), "nio_fast / reference": ratio(m, "nio_fast"),
+             "nio_fast MB runs": spread[(model, d)].get("nio_fast"),
+             "reference MB runs": spread[(model, d)].get("reference"),
+             "nio_fast alloc / reference alloc": ratio(allocated[(model, d)], "nio_fast"),
              "exact_recompute MB": m.get("nio_fast_recompute"),
              "exact_recompute / reference": ratio(m, "nio_fast_recompute")}
             for (model, d), m in sorted(grouped.items())]
@@ -321,10 +329,13 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
         _plot_iteration(table)
     table = _memory_rows(tables.get("memory", []))
     if table:
-        write_results("memory", table, list(table[0]), "Peak resident memory of one iteration, fresh process (MB "
-                      "above the process with model and batch built; CPU, 1 thread)",
+        write_results("memory", table, list(table[0]), "Peak resident memory of one iteration, fresh processes "
+                      "(MB above the process with model and batch built; CPU, 1 thread)",
                       notes="nio_fast runs mode='auto' (exact on the BatchNorm ResNet-20); exact_recompute: "
-                            "mode='exact_recompute', the same values with one chunk graph in memory at a time.")
+                            "mode='exact_recompute', the same values with one chunk graph in memory at a time. "
+                            "MB: the median of three fresh processes (runs: their range). alloc: the tensor "
+                            "allocator's peak of a second call in the first process (harness.allocated_peak_mb), "
+                            "which does not include what malloc keeps back and does not move between runs.")
     if tables.get("gram"):
         table = _gram_rows(tables["gram"])
         write_results("gram", table, list(table[0]), "Seconds of nio_fast.ops.gram (medians) on "

@@ -222,3 +222,16 @@ def test_allocated_peak_counts_the_tensors_live_at_once():
         third = second + 1  # 8 MiB live again, never 12
         return third.sum()
     assert abs(harness.allocated_peak_mb(two_then_one) - 8.0) < 0.1
+
+
+def test_memory_rows_take_medians_their_spread_and_allocator_ratios():
+    rows = [{"model": "m", "D": None, "implementation": "step", "extra_mb": 50.0},
+            {"model": "m", "D": 8, "implementation": "reference", "extra_mb": 200.0,
+             "extra_mb_runs": [210.0, 200.0, 190.0], "allocated_mb": 180.0},
+            {"model": "m", "D": 8, "implementation": "nio_fast", "extra_mb": 120.0,
+             "extra_mb_runs": [120.0, 150.0, 100.0], "allocated_mb": 90.0}]
+    (row,) = report._memory_rows(rows)
+    assert (row["step MB"], row["reference MB"], row["nio_fast MB"]) == (50.0, 200.0, 120.0)
+    assert row["nio_fast / reference"] == 0.6 and row["nio_fast alloc / reference alloc"] == 0.5
+    assert (row["nio_fast MB runs"], row["reference MB runs"]) == ("100-150", "190-210")
+    assert row["exact_recompute MB"] is None and row["exact_recompute / reference"] is None
