@@ -21,6 +21,7 @@ __all__ = ["CosineTerms", "as_grad_table", "gram", "gram_reference", "gradcosine
            "chunk_weights", "OuterGramCost", "embedding_gram", "embedding_gram_reference",
            "outer_gram", "outer_gram_cost", "outer_gram_reference", "outer_gram_route",
            "fused_norms", "group_norm", "group_norm_backward_reference", "group_norm_double_backward_reference",
-           "group_norm_weight_per_sample", "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference",
+           "group_norm_weight_per_sample",
+           "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference",
            "layer_norm", "layer_norm_backward_reference", "layer_norm_double_backward_reference",
            "layer_norm_weight_per_sample"]

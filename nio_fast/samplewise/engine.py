@@ -1,7 +1,7 @@
 """The N x N Gram of per-sample gradients, in one forward and one backward with graph.
 
 1. Forward the batch once under a :class:`FactorRecorder`: for every parameter, the ops that
-   used it, with their inputs and outputs.
+   used it, with their inputs and the gradient edges of their outputs.
 2. Per-sample losses ``l_i = loss_fn(o[i:i+1], y[i:i+1])`` (NIO.md with one sample a chunk),
    and ONE ``autograd.grad(sum_i l_i, outputs of the recorded ops, create_graph=True)``. With
    no layer coupling samples, the sample-i rows of an op's output gradient are sample i's own.
@@ -10,9 +10,11 @@
 3. Per parameter, the Gram of its per-sample gradients from those factors, by the cheaper
    exact route: ``ghost`` / ``materialize`` (``nio_fast.ops.outer_gram``) for linear and
    convolution weights, ``embedding`` for an embedding table used once, ``vectors`` (per-sample
-   gradients formed, they are small) for the rest. Each route runs under activation
-   checkpointing: the backward recomputes it from the layer's input and output gradient, so
-   no per-sample gradient or unfolded input outlives its own layer.
+   gradients formed, they are small) for the rest. Each part is formed inside the backward of
+   step 2, as soon as its layer's output gradient exists (:class:`_PartPlanner`), and its own
+   backward recomputes from the layer's input and output gradient (activation checkpointing,
+   or per-sample rows a block of output channels at a time, :mod:`.blocked_gram`), so no
+   per-sample gradient or unfolded input outlives its own layer.
    With chunks (sub-batch NIO), linear and convolution weights take ``chunks`` instead where it
    is cheaper than ghost: each chunk's gradient is one weight-gradient reduction over its rows,
    as a training step's backward computes it, and no per-sample gradient exists.
@@ -251,7 +253,7 @@ class _PartPlanner:
     def __init__(self, params: Sequence[torch.Tensor], factored: Sequence[LayerUse], unfactored: dict[int, str],
                  dtype: torch.dtype, chunks: Optional[Sequence[tuple[int, int]]],
                  weights: Optional[ops.ChunkWeighting]) -> None:
-        self.params, self.factored, self.unfactored = params, factored, unfactored
+        self.params, self.unfactored = params, unfactored
         self.dtype, self.chunks, self.weights = dtype, chunks, weights
         self.expected: dict[int, int] = defaultdict(int)
         for use in factored:

@@ -236,9 +236,9 @@ class FactorRecorder(TorchFunctionMode):
             return f"{_name(func)} where the parameter itself spans the sample axis"
         if isinstance(other, torch.Tensor) and other.dim() >= out.dim() and other.shape[0] not in (1, self.num_samples):
             return f"{_name(func)} with an operand whose leading axis is not the sample axis"
-        return LayerUse(BROADCAST, {"operand": self._selected(param)}, other if isinstance(other, torch.Tensor)
-                        else None, get_gradient_edge(out), 0, {"op": op, "scalar": other if not isinstance(other, torch.Tensor)
-                                                 else None})
+        tensor_operand = isinstance(other, torch.Tensor)
+        return LayerUse(BROADCAST, {"operand": self._selected(param)}, other if tensor_operand else None,
+                        get_gradient_edge(out), 0, {"op": op, "scalar": None if tensor_operand else other})
 
 
 def _name(func: Any) -> str:
