@@ -70,6 +70,15 @@ def test_samples_equal_one_autograd_call_per_sample(name, dtype, rtol):
     assert result.chunks == [(i, i + 1) for i in range(len(batch[1]))]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["conv_zoo", "token_transformer", "gn_resnet"])
+def test_samples_on_cuda_equal_one_autograd_call_per_sample(name):
+    """On a GPU the Gram parts are formed inside the autograd engine's device thread (hooks)."""
+    model, (inputs, targets) = build(name, torch.float64)
+    result = check_against_reference(model.cuda(), (inputs.cuda(), targets.cuda()), 1e-10, sub_batches="samples")
+    assert result.mode == "factors"
+
+
 def test_routes_name_every_parameter_and_the_fallbacks():
     model, batch = build("reused_and_unknown", torch.float64)
     result = nio_fast.gradcosine(model, batch, sub_batches="samples")
