@@ -81,8 +81,8 @@ class SmallViT(nn.Module):
 
 
 MODELS = {
-    "resnet20_gn": lambda: ResNet20("group"),
-    "resnet20_bn": lambda: ResNet20("batch"),
+    "resnet20_gn": lambda **options: ResNet20("group", **options),
+    "resnet20_bn": lambda **options: ResNet20("batch", **options),
     # GroupNorm: no layer couples the samples of a batch (sample-wise GradCosine's "factors" mode)
     "resnet18_gn": lambda **options: ResNet18("group", **options),
     "vit_small": SmallViT,

@@ -235,3 +235,12 @@ def test_memory_rows_take_medians_their_spread_and_allocator_ratios():
     assert row["nio_fast / reference"] == 0.6 and row["nio_fast alloc / reference alloc"] == 0.5
     assert (row["nio_fast MB runs"], row["reference MB runs"]) == ("100-150", "190-210")
     assert row["exact_recompute MB"] is None and row["exact_recompute / reference"] is None
+
+
+def test_interleaved_rounds_report_medians_and_ranges():
+    import interleaved
+    result = interleaved.interleaved_rounds("resnet20_gn", 2, rounds=2, batch_size=8, width=4)
+    assert (result["model"], result["D"], result["rounds"]) == ("resnet20_gn", 2, 2)
+    for key in ("speed_up", "nio_fast_steps", "reference_steps"):
+        summary = result[key]
+        assert 0 < summary["min"] <= summary["median"] <= summary["max"]
