@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -42,6 +42,12 @@ def channel_blocks(channels: int, rows: int, elements_per_channel: int) -> list[
     count = -(-channels // per_block)
     edges = [round(i * channels / count) for i in range(count + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def rows_fit_beside(num_values: int, output_grads: Iterable[torch.Tensor]) -> bool:
+    """Per-sample rows of ``num_values`` values no bigger than the output gradients a training
+    step holds anyway: cheap enough to keep for the backward instead of recomputing them."""
+    return num_values <= sum(grad.numel() for grad in output_grads)
 
 
 def output_channel_axis(use: LayerUse, output_grad: torch.Tensor) -> int:
@@ -86,9 +92,9 @@ class _BlockedGram(torch.autograd.Function):
         tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[4:]
         symmetric = grad_gram + grad_gram.T
+        wanted = [i for i, need in enumerate(needs) if need]
         if ctx.kept is not None:
             (leaves, kept_rows), ctx.kept = ctx.kept, None
-            wanted = [i for i, need in enumerate(needs) if need]
             parts = torch.autograd.grad(kept_rows, [leaves[i] for i in wanted],
                                         [symmetric.to(rows.dtype) @ rows.detach() for rows in kept_rows],
                                         allow_unused=True)
@@ -107,7 +113,6 @@ class _BlockedGram(torch.autograd.Function):
                 leaves = [s if axis is None else t.narrow(axis, start, end - start).detach().requires_grad_(need)
                           for t, s, axis, need in zip(tensors, shared, ctx.slice_axes, needs)]
                 rows = ctx.rows_of_block(leaves, end - start)
-                wanted = [i for i, need in enumerate(needs) if need]
                 parts = torch.autograd.grad(rows, [leaves[i] for i in wanted],
                                             symmetric.to(rows.dtype) @ rows.detach(), allow_unused=True)
             for i, part in zip(wanted, parts):
@@ -149,7 +154,7 @@ def blocked_weight_gram(entries: Sequence[tuple[LayerUse, torch.Tensor]], weight
             total = rows if total is None else total + rows
         return finish_rows(total.to(dtype))
 
-    keep = num * channels * per_channel <= sum(grad.numel() for _, grad in entries)
+    keep = rows_fit_beside(num * channels * per_channel, (grad for _, grad in entries))
     # kept rows are small: one block (a narrowed output gradient would be copied for their graph)
     blocks = [(0, channels)] if keep else channel_blocks(channels, num, per_channel)
 

@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from .. import ops
 from ..ops.gram import accumulation_dtype
 from ..algorithms.batching import call_model, num_samples, slice_rows
-from .blocked_gram import blockable, blocked_weight_gram
+from .blocked_gram import blockable, blocked_weight_gram, rows_fit_beside
 from .factors import chunk_sums, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
 
@@ -177,7 +177,7 @@ def _gram_of_summed_rows(uses: _ParameterUses, rows_of_use: Callable[[LayerUse, 
         return gram_of_sum(total)
 
     flat = uses.checkpoint_inputs()
-    if num_rows * numel <= sum(grad.numel() for _, _, grad in uses.entries):
+    if rows_fit_beside(num_rows * numel, (grad for _, _, grad in uses.entries)):
         return compute(*flat)
     return _maybe_checkpoint(compute, *flat)
 
