@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..ops.fused_norms import fused_norms
+from ..ops.fused_calls import fused_calls
 
 
 _MISSING = object()
@@ -40,9 +40,10 @@ def couples_samples(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def nio_modes(model: nn.Module, second_order_only: bool = False) -> Iterator[None]:
-    """Eval mode, BatchNorm on batch statistics, math attention, fused normalisation layers; every
-    flag restored on exit. ``second_order_only``: nothing inside takes a third derivative, so
-    BatchNorm graphs may keep less (``ops.batch_norm``)."""
+    """Eval mode, BatchNorm on batch statistics, attention and normalisation layers with lean double
+    backwards (PyTorch's math attention for calls they do not take); every flag restored on exit.
+    ``second_order_only``: nothing inside takes a third derivative, so BatchNorm graphs may keep
+    less (``ops.batch_norm``)."""
     training = [(module, module.training) for module in model.modules()]
     tracking = [(layer, layer.track_running_stats) for layer in batch_norm_layers(model)]
     synced = [(layer, layer.__dict__.get("forward", _MISSING)) for layer, _ in tracking
@@ -55,12 +56,16 @@ def nio_modes(model: nn.Module, second_order_only: bool = False) -> Iterator[Non
         for layer, _ in synced:  # per-rank statistics: the synchronised forward has no double backward
             layer.forward = types.MethodType(_BatchNorm.forward, layer)
         # Only where such layers are: the mode sees every torch call (1.7 us each on torch.add).
+        # Attention is routed wherever the mode runs anyway (a model calling F.scaled_dot_product_attention
+        # itself has LayerNorms), or the model has nn.MultiheadAttention; the rest takes the math path.
         has_group_norm = any(isinstance(m, nn.GroupNorm) for m in model.modules())
         has_layer_norm = any(isinstance(m, nn.LayerNorm) for m in model.modules())
-        norms = fused_norms(group_norm_calls=has_group_norm, batch_norm_calls=bool(tracking),
-                            layer_norm_calls=has_layer_norm, second_order_only=second_order_only) \
-            if has_group_norm or tracking or has_layer_norm else contextlib.nullcontext()
-        with sdpa_kernel(SDPBackend.MATH), norms:
+        has_attention = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+        routed = has_group_norm or bool(tracking) or has_layer_norm or has_attention
+        calls = fused_calls(group_norm_calls=has_group_norm, batch_norm_calls=bool(tracking),
+                            layer_norm_calls=has_layer_norm, attention_calls=True,
+                            second_order_only=second_order_only) if routed else contextlib.nullcontext()
+        with sdpa_kernel(SDPBackend.MATH), calls:
             yield
     finally:
         for module, was_training in training:

@@ -11,7 +11,7 @@ then takes its per-sample gradients by autograd instead, which is exact for any 
 
 ``F.multi_head_attention_forward`` projects with a 2-D ``[T*N, E]`` view that mixes the
 sequence and sample axes; it is replaced by an equal decomposition whose projections run on
-``[T, N, E]`` (sample axis 1), see :mod:`.attention`.
+``[T, N, E]`` (sample axis 1), see :mod:`nio_fast.ops.multi_head_attention`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from . import attention
+from ..ops import multi_head_attention as attention
 
 LINEAR, CONV, EMBEDDING, LAYER_NORM, GROUP_NORM, BROADCAST = (
     "linear", "conv", "embedding", "layer_norm", "group_norm", "broadcast")

@@ -1,4 +1,4 @@
-"""nio_fast.samplewise.attention: a batch-preserving drop-in for F.multi_head_attention_forward.
+"""nio_fast.ops.multi_head_attention: a batch-preserving drop-in for F.multi_head_attention_forward.
 
 Checks that it computes what PyTorch computes (outputs, attention weights, gradients for every
 parameter and input, fp64 and fp32) over masks / projections / layouts, that every F.linear it
@@ -6,9 +6,7 @@ issues gets a module parameter as weight and a 3-D input whose axis 1 is the bat
 into nn.MultiheadAttention / nn.TransformerEncoderLayer through a TorchFunctionMode, and that it
 answers NotImplemented for what it does not support.
 """
-import importlib.util
-import pathlib
-import sys
+import importlib
 
 import pytest
 import torch
@@ -17,20 +15,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
-def _load():
-    # By file path: the module needs nothing from nio_fast, and the package's __init__ (owned
-    # elsewhere) need not exist or be importable for these tests.
-    name = "nio_fast.samplewise.attention"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = pathlib.Path(__file__).resolve().parents[1] / "nio_fast" / "samplewise" / "attention.py"
-    spec = importlib.util.spec_from_file_location("_nio_samplewise_attention", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-att = _load()
+att = importlib.import_module("nio_fast.ops.multi_head_attention")
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Support for mismatched"),

@@ -1,0 +1,234 @@
+"""Scaled dot-product attention whose backward and double backward recompute the attention
+probabilities instead of keeping them.
+
+NIO differentiates through the backward pass. PyTorch's only twice-differentiable attention is
+its math path, and once its backward is differentiated the graph keeps, per layer, four or five
+tensors of the attention's size ([*, L, S]: the probabilities, their gradient, the scores'
+gradient and the softmax backward's products) where the model's activations are [*, L, E] with
+E = 16 or 64 values per head. On the small ViT (batch 64, 64 tokens) they were 90 of the 180 MB
+allocated at the peak of a sample-wise GradCosine evaluation (torch.profiler memory events).
+
+Here the forward keeps no graph; its backward is an autograd Function of (q, k, v, grad_out) that recomputes the probabilities,
+and that Function's backward is the closed-form second derivative below, which recomputes them
+again. The graph keeps q, k, v and grad_out, and the [*, L, S] tensors live for one block of the
+leading (sample) axis at a time. Third derivatives go through autograd of the same formulas.
+
+Per batch entry, with P = softmax(scale q k^T + mask), dO the output's gradient:
+
+    first:   dP = dO v^T,  dS = P * (dP - rowsum(P * dP)),
+             dq = scale dS k,  dk = scale dS^T q,  dv = P^T dO
+    second:  given cotangents (gq, gk, gv) of (dq, dk, dv):
+             H  = scale (gq k^T + q gk^T)               (cotangent of dS)
+             GdP = P * (H - rowsum(H * P))              (of dP)
+             GP  = dO gv^T + H * (dP - rowsum(P * dP)) - rowsum(H * P) * dP   (of P)
+             GS  = P * (GP - rowsum(GP * P))            (of the scores)
+             q: scale (dS gk + GS k);  k: scale (dS^T gq + GS^T q);
+             v: GdP^T dO;  dO: P gv + GdP v
+
+The plain twin is autograd of the math path (:func:`attention_reference`); the tests hold the
+two equal for values, first, second and third derivatives.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+Tensor = torch.Tensor
+
+# Values per [*, L, S] intermediate of a block: the double backward holds about six at once, so
+# 2^20 float32 values keep its transient memory near 24 MB whatever the batch (the small ViT's
+# batch of 64 is one block; blocks of 16 samples were 4% slower there, 2-core CPU).
+BLOCK_VALUES = 1 << 20
+ROUTED_DTYPES = (torch.float32, torch.float64)
+
+
+def attention_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                        is_causal: bool = False, scale: Optional[float] = None) -> Tensor:
+    """The plain twin: softmax(scale q k^T + mask) v in differentiable torch ops (the math path's
+    formula; rows every key of which is masked give zeros, as its safe softmax does)."""
+    mask = _additive_mask(query, key, attn_mask, is_causal)
+    return _probabilities(query, key, mask, _scale(query, scale)) @ value
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+              dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+              enable_gqa: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` (same arguments, same values) whose graph, when a
+    backward is differentiated, keeps q, k, v and the output gradient instead of the attention
+    probabilities and their derivatives (see the module's docstring).
+
+    Taken: float32/float64 q, k, v with the same batch axes, a boolean or float mask that needs no
+    gradient, no dropout, no grouped-query broadcasting, outside torch.func transforms. Anything
+    else is ``F.scaled_dot_product_attention`` itself (its own errors too).
+    """
+    if not _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+    mask = _additive_mask(query, key, attn_mask, is_causal)
+    return _Attention.apply(query, key, value, mask, _scale(query, scale))
+
+
+def _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
+    tensors = (query, key, value)
+    if (dropout_p != 0.0 or enable_gqa or torch._C._are_functorch_transforms_active()
+            or not any(t.requires_grad for t in tensors)):
+        return False
+    if any(t.dtype != query.dtype or t.device != query.device or t.dim() != query.dim() for t in tensors):
+        return False
+    if query.dtype not in ROUTED_DTYPES or query.dim() < 2 or query.numel() == 0 or key.numel() == 0:
+        return False
+    if not (query.shape[:-2] == key.shape[:-2] == value.shape[:-2] and query.shape[-1] == key.shape[-1]
+            and key.shape[-2] == value.shape[-2]):
+        return False
+    if attn_mask is not None:
+        if is_causal or attn_mask.requires_grad or attn_mask.device != query.device:
+            return False
+        if not (attn_mask.dtype == torch.bool or attn_mask.dtype == query.dtype):
+            return False
+        try:
+            if torch.broadcast_shapes(attn_mask.shape, (*query.shape[:-1], key.shape[-2])) != \
+                    (*query.shape[:-1], key.shape[-2]):
+                return False
+        except RuntimeError:
+            return False
+    return True
+
+
+def _scale(query: Tensor, scale: Optional[float]) -> float:
+    return 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+
+
+def _additive_mask(query: Tensor, key: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> Optional[Tensor]:
+    """The mask as values added to the scores (-inf where a boolean mask is False), or None."""
+    if is_causal:
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(~attn_mask,
+                                                                                            float("-inf"))
+
+
+def _probabilities(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if mask is None:
+        return torch.softmax(scores, -1)
+    # Rows whose every key is masked give zeros, as the math path's safe softmax does; its search
+    # for such rows took 7% of a sample-wise ViT evaluation, so unmasked scores skip it.
+    return torch.ops.aten._safe_softmax(scores + mask, -1)
+
+
+def _blocks(q: Tensor, k: Tensor, mask: Optional[Tensor], *others: Optional[Tensor]):
+    """Slices of the leading axis small enough for BLOCK_VALUES: yields (q, k, mask, *others) per
+    block, the mask expanded (a view) to the scores' shape first."""
+    scores_shape = (*q.shape[:-1], k.shape[-2])
+    if mask is not None:
+        mask = mask.expand(scores_shape)
+    if q.dim() < 3:
+        yield (q, k, mask, *others)
+        return
+    per_row = math.prod(scores_shape[1:])
+    step = max(1, BLOCK_VALUES // max(per_row, 1))
+    for start in range(0, q.shape[0], step):
+        part = slice(start, start + step)
+        yield tuple(None if t is None else t[part] for t in (q, k, mask, *others))
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, mask: Optional[Tensor], scale: float):
+    """(dq, dk, dv): the attention's gradients for output gradient ``grad_out``."""
+    results = []
+    for q_, k_, mask_, v_, grad_ in _blocks(q, k, mask, v, grad_out):
+        p = _probabilities(q_, k_, mask_, scale)
+        grad_p = grad_ @ v_.transpose(-2, -1)
+        grad_scores = p * (grad_p - (p * grad_p).sum(-1, keepdim=True))
+        results.append(((grad_scores @ k_) * scale, (grad_scores.transpose(-2, -1) @ q_) * scale,
+                         p.transpose(-2, -1) @ grad_))
+    return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*results))
+
+
+def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
+    """(d q, d k, d v, d grad_out): the VJP of :func:`_backward` with cotangents (cot_q, cot_k,
+    cot_v) of (dq, dk, dv), None meaning zero."""
+    results = []
+    for q_, k_, mask_, v_, grad_, cq, ck, cv in _blocks(q, k, mask, v, grad_out, cot_q, cot_k, cot_v):
+        p = _probabilities(q_, k_, mask_, scale)
+        grad_p = grad_ @ v_.transpose(-2, -1)
+        centred = grad_p - (p * grad_p).sum(-1, keepdim=True)
+        grad_scores = p * centred
+        cot_scores_grad = None  # H, the cotangent of grad_scores
+        if cq is not None:
+            cot_scores_grad = cq @ k_.transpose(-2, -1)
+        if ck is not None:
+            term = q_ @ ck.transpose(-2, -1)
+            cot_scores_grad = term if cot_scores_grad is None else cot_scores_grad + term
+        cot_p = None if cv is None else grad_ @ cv.transpose(-2, -1)
+        if cot_scores_grad is not None:
+            cot_scores_grad = cot_scores_grad * scale
+            weighted = (cot_scores_grad * p).sum(-1, keepdim=True)
+            cot_grad_p = p * (cot_scores_grad - weighted)
+            term = cot_scores_grad * centred - weighted * grad_p
+            cot_p = term if cot_p is None else cot_p + term
+        else:
+            cot_grad_p = torch.zeros_like(p)
+        d_q = torch.zeros_like(q_) if ck is None else (grad_scores @ ck) * scale
+        d_k = torch.zeros_like(k_) if cq is None else (grad_scores.transpose(-2, -1) @ cq) * scale
+        if cot_p is not None:
+            cot_scores = p * (cot_p - (cot_p * p).sum(-1, keepdim=True))
+            d_q = d_q + (cot_scores @ k_) * scale
+            d_k = d_k + (cot_scores.transpose(-2, -1) @ q_) * scale
+        d_v = cot_grad_p.transpose(-2, -1) @ grad_
+        d_grad_out = cot_grad_p @ v_
+        if cv is not None:
+            d_grad_out = d_grad_out + p @ cv
+        results.append((d_q, d_k, d_v, d_grad_out))
+    return tuple(torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*results))
+
+
+class _Attention(Function):
+    """PyTorch's attention forward (no graph kept); backward through :class:`_AttentionBackward`
+    when a graph is built."""
+
+    @staticmethod
+    def forward(q, k, v, mask, scale):
+        # The recomputation's formula, not F.scaled_dot_product_attention: NIO runs under the math
+        # backend, whose safe softmax searches every row for masked ones (2% of a ViT iteration).
+        parts = [_probabilities(q_, k_, mask_, scale) @ v_ for q_, k_, mask_, v_ in _blocks(q, k, mask, v)]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, scale = inputs
+        ctx.save_for_backward(q, k, v, mask)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            grads = _AttentionBackward.apply(q, k, v, grad_out, mask, ctx.scale)
+        else:
+            grads = _backward(q, k, v, grad_out, mask, ctx.scale)
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)
+
+
+class _AttentionBackward(Function):
+    """(dq, dk, dv) of the attention, with the closed-form derivative of :func:`_double_backward`."""
+
+    @staticmethod
+    def forward(q, k, v, grad_out, mask, scale):
+        return _backward(q, k, v, grad_out, mask, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, grad_out, mask, scale = inputs
+        ctx.save_for_backward(q, k, v, grad_out, mask)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, cot_q, cot_k, cot_v):
+        q, k, v, grad_out, mask = ctx.saved_tensors
+        grads = _double_backward(q, k, v, grad_out, mask, ctx.scale, cot_q, cot_k, cot_v)
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)

@@ -1,0 +1,166 @@
+"""Attention with a recomputing double backward (nio_fast.ops.attention) against its plain twin
+(autograd of the math path): values and first, second and third derivatives, on odd shapes and
+every kind of mask, in blocks; what the graph keeps; routing; NIO's use of it."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nio_fast
+from nio_fast import ops
+from nio_fast.algorithms.model_state import nio_modes
+
+attention_module = importlib.import_module("nio_fast.ops.attention")  # (ops.attention is the function)
+from norm_checks import assert_near, random
+
+# (q, k, v shapes): heads and samples, one batch axis, none; L != S, head widths != value widths
+SHAPES = [((3, 2, 5, 4), (3, 2, 7, 4), (3, 2, 7, 6)), ((4, 5, 3), (4, 5, 3), (4, 5, 2)),
+          ((5, 3), (6, 3), (6, 4)), ((2, 3, 1, 9, 5), (2, 3, 1, 4, 5), (2, 3, 1, 4, 5))]
+MASKS = ["none", "bool", "bool_with_empty_row", "float_per_sample", "causal"]
+
+
+def make_mask(kind, q_shape, k_shape, dtype, gen):
+    scores = (*q_shape[:-1], k_shape[-2])
+    if kind == "none" or kind == "causal":
+        return None
+    if kind.startswith("bool"):
+        mask = torch.rand(scores[-2:], generator=gen) > 0.4
+        mask[:, 0] = True  # a key for every query ...
+        if kind == "bool_with_empty_row":
+            mask[1] = False  # ... but one: its output and gradients are zeros (the safe softmax)
+        return mask
+    if len(scores) == 2:
+        return random(scores, dtype, gen)
+    return random((scores[0], *([1] * (len(scores) - 3)), *scores[-2:]), dtype, gen)  # broadcast over heads
+
+
+def case(shapes, mask_kind, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (random(shape, dtype, gen) for shape in shapes)
+    return q, k, v, make_mask(mask_kind, shapes[0], shapes[1], dtype, gen), mask_kind == "causal"
+
+
+def derivatives(fn, q, k, v, gen, order=2):
+    """Output and derivatives up to ``order`` of a nonlinear function of fn(q, k, v) with fresh
+    random cotangents."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    results = [out]
+    scalar = (out * random(out.shape, out.dtype, gen)).sin().sum()
+    for level in range(order):
+        grads = torch.autograd.grad(scalar, leaves, create_graph=level + 1 < order, allow_unused=True)
+        results += grads
+        scalar = sum((g.cos() * (i + level + 1)).sum() for i, g in enumerate(grads))
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
+def test_values_first_and_second_derivatives_equal_the_twin(dtype, mask_kind, shapes):
+    q, k, v, mask, causal = case(shapes, mask_kind, dtype, seed=len(shapes[0]) * 7 + MASKS.index(mask_kind))
+    seed = 11 + len(shapes[0])
+    ours = derivatives(lambda *t: ops.attention(*t, mask, is_causal=causal, scale=0.7), q, k, v,
+                       torch.Generator().manual_seed(seed))
+    theirs = derivatives(lambda *t: ops.attention_reference(*t, mask, is_causal=causal, scale=0.7), q, k, v,
+                         torch.Generator().manual_seed(seed))
+    for mine, reference in zip(ours, theirs):
+        assert torch.isfinite(mine).all()
+        assert_near(mine, reference, dtype)
+
+
+def test_the_twin_equals_pytorchs_attention():
+    for shapes in SHAPES:
+        for mask_kind in MASKS:
+            q, k, v, mask, causal = case(shapes, mask_kind, torch.float64, seed=3)
+            assert_near(ops.attention_reference(q, k, v, mask, is_causal=causal),
+                        F.scaled_dot_product_attention(q, k, v, mask, is_causal=causal), torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_third_derivatives_equal_the_twin(dtype):
+    q, k, v, mask, causal = case(SHAPES[0], "float_per_sample", dtype, seed=5)
+    ours, theirs = (derivatives(lambda *t: fn(*t, mask), q, k, v, torch.Generator().manual_seed(2), order=3)
+                    for fn in (ops.attention, ops.attention_reference))
+    for mine, reference in zip(ours, theirs):
+        assert_near(mine, reference, dtype)
+
+
+def test_gradgradcheck():
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (random(shape, torch.float64, gen).requires_grad_() for shape in SHAPES[0])
+    mask = make_mask("bool", SHAPES[0][0], SHAPES[0][1], torch.float64, gen)
+    assert torch.autograd.gradgradcheck(lambda *t: ops.attention(*t, mask), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_blocks_of_the_sample_axis_give_the_same_numbers(monkeypatch, dtype):
+    q, k, v, mask, _ = case(SHAPES[0], "float_per_sample", dtype, seed=4)
+    whole = derivatives(lambda *t: ops.attention(*t, mask), q, k, v, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(attention_module, "BLOCK_VALUES", 2 * 5 * 7)  # one sample per block: 3 blocks
+    blocked = derivatives(lambda *t: ops.attention(*t, mask), q, k, v, torch.Generator().manual_seed(1))
+    for mine, reference in zip(blocked, whole):
+        assert_near(mine, reference, dtype)
+
+
+def test_the_graph_keeps_no_tensor_of_the_attentions_size():
+    """With its backward differentiated, the math path keeps [*, L, S] tensors; this op keeps
+    nothing bigger than q, k, v and the output gradient."""
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (random(shape, torch.float32, gen).requires_grad_() for shape in ((4, 2, 3, 16, 2),) * 3)
+    largest = {}
+    for name, fn in (("ours", ops.attention), ("math", ops.attention_reference)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = fn(q, k, v)
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v), create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v))
+        largest[name] = max(saved)
+    assert largest["ours"] == q.numel()
+    assert largest["math"] == 4 * 2 * 3 * 16 * 16  # the probabilities: what the op leaves out
+
+
+@pytest.mark.parametrize("arguments, routed", [
+    (dict(), True),
+    (dict(dropout_p=0.1), False),
+    (dict(mask="grad"), False),
+    (dict(dtype=torch.float16), False),
+    (dict(key_batch=1), False),  # broadcast batch axes: PyTorch's
+    (dict(no_grad=True), False),
+])
+def test_routing(arguments, routed):
+    gen = torch.Generator().manual_seed(0)
+    dtype = arguments.get("dtype", torch.float32)
+    q = random((2, 3, 5, 4), torch.float64, gen).to(dtype).requires_grad_(not arguments.get("no_grad"))
+    k = random((arguments.get("key_batch", 2), 3, 6, 4), torch.float64, gen).to(dtype)
+    v = random(k.shape, torch.float64, gen).to(dtype)
+    mask = random((5, 6), torch.float64, gen).to(dtype).requires_grad_() if arguments.get("mask") else None
+    takes = attention_module._routed(q, k, v, mask, arguments.get("dropout_p", 0.0), False, False)
+    assert takes == routed
+    if not arguments.get("dropout_p"):  # what it returns either way: PyTorch's numbers
+        torch.testing.assert_close(ops.attention(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, mask))
+
+
+def test_nio_modes_route_a_transformers_attention_and_keep_gradcosine():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                          nn.Linear(8 * 5, 3)).double()
+    inputs, targets = torch.randn(6, 5, 8, dtype=torch.float64), torch.randint(0, 3, (6,))
+    seen = []
+    original = attention_module._Attention.apply
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention_module._Attention, "apply", lambda *a: seen.append(1) or original(*a))
+        with nio_modes(model):
+            model(inputs)
+    assert seen, "the encoder layer's attention did not reach ops.attention under nio_modes"
+    results = [nio_fast.gradcosine(model, (inputs, targets), sub_batches=3, create_graph=True)]
+    with pytest.MonkeyPatch.context() as patch:  # the same evaluation on PyTorch's math path
+        patch.setattr(attention_module, "_routed", lambda *a: False)
+        results.append(nio_fast.gradcosine(model, (inputs, targets), sub_batches=3, create_graph=True))
+    params = list(model.parameters())
+    (value, grads), (value_math, grads_math) = ((r.value, torch.autograd.grad(r.value, params)) for r in results)
+    assert_near(value, value_math, torch.float64)
+    for mine, reference in zip(grads, grads_math):
+        assert_near(mine, reference, torch.float64)
