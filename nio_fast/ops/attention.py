@@ -39,10 +39,10 @@ from torch.autograd import Function
 
 Tensor = torch.Tensor
 
-# Values per [*, L, S] intermediate of a block: the double backward holds about six at once, so
-# 2^20 float32 values keep its transient memory near 24 MB whatever the batch (the small ViT's
-# batch of 64 is one block; blocks of 16 samples were 4% slower there, 2-core CPU).
-BLOCK_VALUES = 1 << 20
+# Values per [*, L, S] intermediate of a block (the double backward holds about six at once): the
+# sample-wise ViT at N = 64 (four blocks of 16 samples) peaked at 109 MB allocated with 2^18,
+# 136 MB with 2^20 (one block), in the same time within noise (2-core CPU).
+BLOCK_VALUES = 1 << 18
 ROUTED_DTYPES = (torch.float32, torch.float64)
 
 
