@@ -48,7 +48,7 @@ def derivatives(fn, q, k, v, gen, order=2):
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = fn(*leaves)
     results = [out]
-    scalar = (out * random(out.shape, out.dtype, gen)).sin().sum()
+    scalar = (out * random(out.shape, out.dtype, gen).to(out.device)).sin().sum()
     for level in range(order):
         grads = torch.autograd.grad(scalar, leaves, create_graph=level + 1 < order, allow_unused=True)
         results += grads
@@ -164,3 +164,16 @@ def test_nio_modes_route_a_transformers_attention_and_keep_gradcosine():
     assert_near(value, value_math, torch.float64)
     for mine, reference in zip(grads, grads_math):
         assert_near(mine, reference, torch.float64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_kind", ["none", "bool_with_empty_row", "float_per_sample", "causal"])
+def test_on_cuda_values_and_derivatives_equal_the_twin_on_the_cpu(dtype, mask_kind):
+    q, k, v, mask, causal = case(SHAPES[0], mask_kind, dtype, seed=21)
+    ours = derivatives(lambda *t: ops.attention(*t, None if mask is None else mask.cuda(), is_causal=causal),
+                       q.cuda(), k.cuda(), v.cuda(), torch.Generator().manual_seed(3))
+    theirs = derivatives(lambda *t: ops.attention_reference(*t, mask, is_causal=causal), q, k, v,
+                         torch.Generator().manual_seed(3))
+    for mine, reference in zip(ours, theirs):
+        assert_near(mine.cpu(), reference, dtype)
