@@ -11,8 +11,8 @@ from torch.overrides import TorchFunctionMode
 from .attention import attention
 from .batch_norm import batch_norm
 from .group_norm import group_norm
-from .layer_norm import layer_norm
 from . import multi_head_attention
+from .layer_norm import layer_norm
 
 
 class _RoutedCalls(TorchFunctionMode):
@@ -41,8 +41,9 @@ def fused_calls(*, group_norm_calls: bool = True, batch_norm_calls: bool = True,
     :func:`~nio_fast.ops.batch_norm`, ``F.layer_norm`` (every ``nn.LayerNorm``)
     :func:`~nio_fast.ops.layer_norm` and ``F.scaled_dot_product_attention`` (so every
     ``nn.MultiheadAttention`` asked for no attention weights, through the decomposition of
-    :mod:`~nio_fast.ops.multi_head_attention`) :func:`~nio_fast.ops.attention`, each where asked. Same values; the mode sees every torch call (1.7 us each on torch.add, 2-core CPU), so
-    callers ask only for the layers a model has. ``second_order_only``: BatchNorm graphs keep no
+    :mod:`~nio_fast.ops.multi_head_attention`) :func:`~nio_fast.ops.attention`, each where asked.
+    Same values; the mode sees every torch call (1.7 us each on torch.add, 2-core CPU), so callers
+    ask only for the layers a model has. ``second_order_only``: BatchNorm graphs keep no
     ``grad_out`` (``ops.batch_norm``), for callers that never take a third derivative (NIO's
     iterations)."""
     routes = {}

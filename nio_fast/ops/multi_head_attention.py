@@ -17,8 +17,8 @@ differences in how the projections are issued:
   weight tensor the caller passed (the parameter itself, never a slice or view of it):
 
   - packed self-attention (``use_separate_proj_weight=False``, ``query is key is value``):
-    ``linear(query, in_proj_weight, in_proj_bias) -> [T, N, 3E]``, then split into q, k, v
-    exactly as PyTorch does;
+    ``linear(query, in_proj_weight, in_proj_bias) -> [T, N, 3E]``, then split into the same
+    q, k, v views PyTorch takes;
   - separate projection weights (``use_separate_proj_weight=True``): three calls
     ``linear(query, q_proj_weight, b_q)``, ``linear(key, k_proj_weight, b_k)``,
     ``linear(value, v_proj_weight, b_v)``.  NOTE: ``b_q, b_k, b_v`` are ``in_proj_bias.chunk(3)``,
