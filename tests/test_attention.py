@@ -105,6 +105,27 @@ def test_blocks_of_the_sample_axis_give_the_same_numbers(monkeypatch, dtype):
         assert_near(mine, reference, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_strided_inputs_as_multi_head_attention_passes_them(dtype):
+    """q, k, v as views of one [T, N, 3, H, E] projection (samples and heads not mergeable without
+    a copy), differentiated through the views twice."""
+    gen = torch.Generator().manual_seed(8)
+    projection = random((7, 3, 3, 2, 5), dtype, gen)  # [T, N, q/k/v, H, E]
+    mask = make_mask("float_per_sample", (3, 2, 7, 5), (3, 2, 7, 5), dtype, gen)
+    cotangent = random((3, 2, 7, 5), dtype, gen)
+    results = []
+    for fn in (ops.attention, ops.attention_reference):
+        leaf = projection.clone().requires_grad_()
+        q, k, v = (leaf[:, :, i].permute(1, 2, 0, 3) for i in range(3))  # [N, H, T, E] views
+        assert not q.is_contiguous()
+        out = fn(q, k, v, mask)
+        grad, = torch.autograd.grad((out * cotangent).sin().sum(), leaf, create_graph=True)
+        second, = torch.autograd.grad(grad.cos().sum(), leaf)
+        results.append((out, grad, second))
+    for mine, reference in zip(*results):
+        assert_near(mine, reference, dtype)
+
+
 def test_the_graph_keeps_no_tensor_of_the_attentions_size():
     """With its backward differentiated, the math path keeps [*, L, S] tensors; this op keeps
     nothing bigger than q, k, v and the output gradient."""
