@@ -15,10 +15,19 @@ def random(shape, dtype, gen):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
+def derivatives(fn, leaves, cotangent, order=2):
+    """Output and derivatives up to ``order`` of a nonlinear function of fn(*leaves): the sine of
+    the output against ``cotangent``, then at each level a cosine-weighted sum of the gradients."""
+    leaves = [t.clone().requires_grad_() for t in leaves]
+    y = fn(*leaves)
+    results, scalar = [y], (y * cotangent).sin().sum()
+    for level in range(order):
+        grads = torch.autograd.grad(scalar, leaves, create_graph=level + 1 < order)
+        results += grads
+        scalar = sum((g.cos() * (i + level + 1)).sum() for i, g in enumerate(grads))
+    return results
+
+
 def second_order(fn, x, weight, bias, cotangent):
     """Output, first and second derivatives of a nonlinear function of fn(x, weight, bias)."""
-    leaves = [t.clone().requires_grad_() for t in (x, weight, bias) if t is not None]
-    y = fn(*leaves)
-    grads = torch.autograd.grad((y * cotangent).sin().sum(), leaves, create_graph=True)
-    second = torch.autograd.grad(sum((g.cos() * (i + 1)).sum() for i, g in enumerate(grads)), leaves)
-    return [y, *grads, *second]
+    return derivatives(fn, [t for t in (x, weight, bias) if t is not None], cotangent)

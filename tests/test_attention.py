@@ -11,9 +11,9 @@ from torch import nn
 import nio_fast
 from nio_fast import ops
 from nio_fast.algorithms.model_state import nio_modes
+from norm_checks import assert_near, derivatives, random
 
 attention_module = importlib.import_module("nio_fast.ops.attention")  # (ops.attention is the function)
-from norm_checks import assert_near, random
 
 # (q, k, v shapes): heads and samples, one batch axis, none; L != S, head widths != value widths
 SHAPES = [((3, 2, 5, 4), (3, 2, 7, 4), (3, 2, 7, 6)), ((4, 5, 3), (4, 5, 3), (4, 5, 2)),
@@ -42,18 +42,11 @@ def case(shapes, mask_kind, dtype, seed):
     return q, k, v, make_mask(mask_kind, shapes[0], shapes[1], dtype, gen), mask_kind == "causal"
 
 
-def derivatives(fn, q, k, v, gen, order=2):
-    """Output and derivatives up to ``order`` of a nonlinear function of fn(q, k, v) with fresh
-    random cotangents."""
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out = fn(*leaves)
-    results = [out]
-    scalar = (out * random(out.shape, out.dtype, gen).to(out.device)).sin().sum()
-    for level in range(order):
-        grads = torch.autograd.grad(scalar, leaves, create_graph=level + 1 < order, allow_unused=True)
-        results += grads
-        scalar = sum((g.cos() * (i + level + 1)).sum() for i, g in enumerate(grads))
-    return results
+def of_attention(fn, q, k, v, gen, order=2):
+    """Output and derivatives up to ``order`` of a nonlinear function of fn(q, k, v), against a
+    fresh random cotangent (norm_checks.derivatives)."""
+    cotangent = random((*q.shape[:-1], v.shape[-1]), q.dtype, gen).to(q.device)
+    return derivatives(fn, (q, k, v), cotangent, order)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -62,9 +55,9 @@ def derivatives(fn, q, k, v, gen, order=2):
 def test_values_first_and_second_derivatives_equal_the_twin(dtype, mask_kind, shapes):
     q, k, v, mask, causal = case(shapes, mask_kind, dtype, seed=len(shapes[0]) * 7 + MASKS.index(mask_kind))
     seed = 11 + len(shapes[0])
-    ours = derivatives(lambda *t: ops.attention(*t, mask, is_causal=causal, scale=0.7), q, k, v,
+    ours = of_attention(lambda *t: ops.attention(*t, mask, is_causal=causal, scale=0.7), q, k, v,
                        torch.Generator().manual_seed(seed))
-    theirs = derivatives(lambda *t: ops.attention_reference(*t, mask, is_causal=causal, scale=0.7), q, k, v,
+    theirs = of_attention(lambda *t: ops.attention_reference(*t, mask, is_causal=causal, scale=0.7), q, k, v,
                          torch.Generator().manual_seed(seed))
     for mine, reference in zip(ours, theirs):
         assert torch.isfinite(mine).all()
@@ -82,7 +75,7 @@ def test_the_twin_equals_pytorchs_attention():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_third_derivatives_equal_the_twin(dtype):
     q, k, v, mask, causal = case(SHAPES[0], "float_per_sample", dtype, seed=5)
-    ours, theirs = (derivatives(lambda *t: fn(*t, mask), q, k, v, torch.Generator().manual_seed(2), order=3)
+    ours, theirs = (of_attention(lambda *t: fn(*t, mask), q, k, v, torch.Generator().manual_seed(2), order=3)
                     for fn in (ops.attention, ops.attention_reference))
     for mine, reference in zip(ours, theirs):
         assert_near(mine, reference, dtype)
@@ -98,9 +91,9 @@ def test_gradgradcheck():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_blocks_of_the_sample_axis_give_the_same_numbers(monkeypatch, dtype):
     q, k, v, mask, _ = case(SHAPES[0], "float_per_sample", dtype, seed=4)
-    whole = derivatives(lambda *t: ops.attention(*t, mask), q, k, v, torch.Generator().manual_seed(1))
+    whole = of_attention(lambda *t: ops.attention(*t, mask), q, k, v, torch.Generator().manual_seed(1))
     monkeypatch.setattr(attention_module, "BLOCK_VALUES", 2 * 5 * 7)  # one sample per block: 3 blocks
-    blocked = derivatives(lambda *t: ops.attention(*t, mask), q, k, v, torch.Generator().manual_seed(1))
+    blocked = of_attention(lambda *t: ops.attention(*t, mask), q, k, v, torch.Generator().manual_seed(1))
     for mine, reference in zip(blocked, whole):
         assert_near(mine, reference, dtype)
 
@@ -192,9 +185,9 @@ def test_nio_modes_route_a_transformers_attention_and_keep_gradcosine():
 @pytest.mark.parametrize("mask_kind", ["none", "bool_with_empty_row", "float_per_sample", "causal"])
 def test_on_cuda_values_and_derivatives_equal_the_twin_on_the_cpu(dtype, mask_kind):
     q, k, v, mask, causal = case(SHAPES[0], mask_kind, dtype, seed=21)
-    ours = derivatives(lambda *t: ops.attention(*t, None if mask is None else mask.cuda(), is_causal=causal),
+    ours = of_attention(lambda *t: ops.attention(*t, None if mask is None else mask.cuda(), is_causal=causal),
                        q.cuda(), k.cuda(), v.cuda(), torch.Generator().manual_seed(3))
-    theirs = derivatives(lambda *t: ops.attention_reference(*t, mask, is_causal=causal), q, k, v,
+    theirs = of_attention(lambda *t: ops.attention_reference(*t, mask, is_causal=causal), q, k, v,
                          torch.Generator().manual_seed(3))
     for mine, reference in zip(ours, theirs):
         assert_near(mine.cpu(), reference, dtype)

@@ -199,7 +199,7 @@ def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
 
 
 class _Attention(Function):
-    """PyTorch's attention forward (no graph kept); backward through :class:`_AttentionBackward`
+    """softmax(scale q k^T + mask) v, no graph kept; backward through :class:`_AttentionBackward`
     when a graph is built."""
 
     @staticmethod
