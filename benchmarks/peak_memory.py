@@ -3,7 +3,8 @@
     python benchmarks/peak_memory.py MODEL IMPLEMENTATION [D] [--batch N] [--threads T] [--width W] [--allocated]
 
 prints one JSON line: the resident set after building the model and the batch, the peak
-after one iteration (reference, nio_fast, nio_fast_recompute: mode="exact_recompute"), training step (step), or sample-wise GradCosine
+after one iteration (reference, nio_fast, nio_fast_recompute: mode="exact_recompute"), training step (step),
+the double-backward floor (floor: test_iteration.double_backward_floor), or sample-wise GradCosine
 with its backward (samplewise: from layer factors; vmap_samples: from per-sample gradients by
 vmap; both take D = N, see test_samplewise.py), and their difference. A
 fresh process per measurement: the high-water mark only ever grows, so nothing else may have
@@ -62,8 +63,9 @@ def main() -> None:
     options = {} if args.width is None else {"width": args.width}
     model, batch = make(args.model, **options), images(args.batch)
     import nio_fast  # noqa: F401  (import cost and the extension are part of the baseline)
-    if args.warmup and args.implementation in ("step", *SAMPLEWISE):
-        (SAMPLEWISE.get(args.implementation) or training_step)(model, images(2, seed=1))
+    if args.warmup and args.implementation in ("step", "floor", *SAMPLEWISE):
+        warm_up = SAMPLEWISE.get(args.implementation) or IMPLEMENTATIONS.get(args.implementation) or training_step
+        warm_up(model, images(2, seed=1))
     def run() -> None:
         if args.implementation == "step":
             training_step(model, batch)

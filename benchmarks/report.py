@@ -11,9 +11,13 @@ from harness import write_results
 
 def _iteration_rows(rows: list[dict]) -> list[dict]:
     """One row per (model, N, D). Each implementation's '/ step' divides by the median of the
-    training steps timed between its own rounds (``step_seconds``); 'step s' shows nio_fast's."""
-    timed, steps = defaultdict(dict), defaultdict(dict)
+    training steps timed between its own rounds (``step_seconds``); 'step s' shows nio_fast's.
+    The floor (``D=None`` rows, one per model and N) is set beside every D of its model and N."""
+    timed, steps, floors = defaultdict(dict), defaultdict(dict), {}
     for r in rows:
+        if r["implementation"] == "floor":
+            floors[(r["model"], r["batch"])] = r
+            continue
         key = (r["model"], r["batch"], r["D"])
         timed[key][r["implementation"]] = r["seconds"]
         steps[key][r["implementation"]] = r.get("step_seconds")
@@ -27,10 +31,15 @@ def _iteration_rows(rows: list[dict]) -> list[dict]:
         model, batch, d = key
         reference, fast = times.get("reference"), times.get("nio_fast")
         recompute = times.get("nio_fast_recompute")
+        floor = floors.get((model, batch), {})
+        floor_steps = _ratio(floor.get("seconds"), floor.get("step_seconds"))
+        reference_steps, fast_steps = per_step(key, "reference"), per_step(key, "nio_fast")
         table.append({
             "model": model, "N": batch, "D": d, "step s": steps[key].get("nio_fast"), "reference s": reference,
             "nio_fast s": fast, "speed-up": reference / fast if reference and fast else None,
-            "reference / step": per_step(key, "reference"), "nio_fast / step": per_step(key, "nio_fast"),
+            "reference / step": reference_steps, "nio_fast / step": fast_steps, "floor / step": floor_steps,
+            "nio_fast / floor": _ratio(fast_steps, floor_steps),
+            "reference / floor": _ratio(reference_steps, floor_steps),
             "exact_recompute / reference": recompute / reference if recompute and reference else None,
         })
     return table
@@ -45,6 +54,12 @@ def _growth_notes(table: list[dict]) -> str:
                       if by_d[16][f"{impl} s"] and by_d[2][f"{impl} s"]}
             lines.append(f"- {model}: time grows x{growth.get('nio_fast', float('nan')):.2f} (nio_fast) and "
                          f"x{growth.get('reference', float('nan')):.2f} (reference) from D = 2 to D = 16.")
+        at_4 = by_d.get(4, {})
+        if at_4.get("floor / step") and at_4.get("reference / floor"):
+            lines.append(f"- {model}: the floor takes {at_4['floor / step']:.2f} training steps; at D = 4 nio_fast "
+                         f"is {at_4['nio_fast / floor']:.2f}x the floor, and an iteration AT the floor would be "
+                         f"{at_4['reference / floor']:.2f}x faster than the reference (nio_fast: "
+                         f"{at_4['speed-up']:.2f}x).")
     return "\n".join(lines)
 
 
@@ -64,6 +79,9 @@ def _plot_iteration(table: list[dict]) -> None:
         steps = [r["step s"] for r in rows if r["step s"]]
         if steps:
             axis.axhline(steps[0], color="grey", lw=0.8, label="one training step")
+        floors = [r["floor / step"] * r["step s"] for r in rows if r["floor / step"] and r["step s"]]
+        if floors:
+            axis.axhline(floors[0], color="grey", lw=0.8, ls="--", label="double-backward floor")
         axis.set(title=f"{model}, batch 64", xlabel="sub-batches D", ylabel="seconds per iteration", xscale="log")
         axis.set_xticks([2, 4, 8, 16], labels=["2", "4", "8", "16"])
         axis.legend(fontsize=8)
@@ -209,13 +227,16 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
         s, m, a = seconds[(model, n)], megabytes[(model, n)], allocated[(model, n)]
         table.append({
             "model": model, "N": n, "step s": s.get("step"), "sample-wise s": s.get("samplewise"),
-            "vmap s": s.get("vmap_samples"), "sample-wise / step": _ratio(s.get("samplewise"), s.get("step")),
+            "vmap s": s.get("vmap_samples"), "floor s": s.get("floor"),
+            "sample-wise / step": _ratio(s.get("samplewise"), s.get("step")),
+            "floor / step": _ratio(s.get("floor"), s.get("step")),
             "vmap / sample-wise": _ratio(s.get("vmap_samples"), s.get("samplewise")),
             "step MB": m.get("step"), "sample-wise MB": m.get("samplewise"), "vmap MB": m.get("vmap_samples"),
-            "sample-wise MB / step MB": _ratio(m.get("samplewise"), m.get("step")),
+            "floor MB": m.get("floor"), "sample-wise MB / step MB": _ratio(m.get("samplewise"), m.get("step")),
             "step alloc MB": a.get("step"), "sample-wise alloc MB": a.get("samplewise"),
-            "vmap alloc MB": a.get("vmap_samples"),
+            "vmap alloc MB": a.get("vmap_samples"), "floor alloc MB": a.get("floor"),
             "sample-wise alloc / step alloc": _ratio(a.get("samplewise"), a.get("step")),
+            "floor alloc / step alloc": _ratio(a.get("floor"), a.get("step")),
             "routes (sample-wise)": routes.get((model, n)),
             "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
                                  for reason, measures in skipped[(model, n)].items()) or None,
@@ -261,11 +282,17 @@ def _samplewise_notes(table: list[dict]) -> str:
 
         def times(value):
             return f"{value:.2f}x" if value is not None else "?x"
+        floor_steps, floor_allocated = at.get("floor / step"), at.get("floor alloc / step alloc")
+        floor_text = ""
+        if floor_steps is not None or floor_allocated is not None:
+            floor_text = (f" The double-backward floor (one backward with graph and one double backward over "
+                          f"the whole batch, no per-sample Gram) takes {times(floor_steps)[:-1]} training steps "
+                          f"and {times(floor_allocated)} a step's allocated memory.")
         lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {steps_text} "
                      f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
                      f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
                      f"{_verdict(allocated, limit)}) and {times(memory)} its peak resident memory "
-                     f"(target <= {limit:g}: {_verdict(memory, limit)}).")
+                     f"(target <= {limit:g}: {_verdict(memory, limit)}).{floor_text}")
     return "\n".join(lines)
 
 
@@ -280,7 +307,9 @@ SAMPLEWISE_NOTES = (
     "samples made (the first call's lazy imports, ~190 MB, are not the method's; peak_memory.py --warmup); it "
     "includes what glibc's malloc keeps back after frees. alloc MB: the tensor allocator's peak of a second call "
     "in that process (torch.profiler's memory events; on CUDA the allocator's peak), the memory the method "
-    "itself needs at once (harness.allocated_peak_mb). vmap "
+    "itself needs at once (harness.allocated_peak_mb). floor: one forward, one backward with graph and one double "
+    "backward of ||g||^2 over the whole batch under NIO's modes (test_iteration.double_backward_floor): what any "
+    "method that differentiates through a backward pays at least, before a per-sample Gram. vmap "
     "is skipped where its per-sample gradients (N x parameters x 4 B x 3) would pass 6 GB.")
 
 
@@ -294,7 +323,7 @@ def _plot_samplewise(table: list[dict]) -> None:
     for axis, model in zip(axes[0], models):
         rows = sorted((r for r in table if r["model"] == model), key=lambda r: r["N"])
         for column, label, style in (("step s", "one training step", "^:"), ("sample-wise s", "sample-wise", "s-"),
-                                     ("vmap s", "vmap per-sample", "o--")):
+                                     ("vmap s", "vmap per-sample", "o--"), ("floor s", "double-backward floor", "v:")):
             points = [(r["N"], r[column]) for r in rows if r[column]]
             if points:
                 axis.plot(*zip(*points), style, label=label)
@@ -323,9 +352,13 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
         write_results("iteration", table, list(table[0]), "Seconds per NIO iteration (medians)",
                       notes="speed-up = reference / nio_fast; '/ step' = in units of one training step "
                             "(forward + backward) on the same batch, timed between the rounds of the same "
-                            "case (step s: those of nio_fast's); exact_recompute: nio_fast with "
-                            "mode='exact_recompute' (BatchNorm, one chunk graph in memory at a time), its time "
-                            "over the reference's.\n\n" + _growth_notes(table))
+                            "case (step s: those of nio_fast's); floor: one forward, one backward with graph and "
+                            "one double backward over the whole batch, of ||g||^2 under NIO's modes "
+                            "(test_iteration.double_backward_floor), what any exact iteration on a coupling-free "
+                            "model pays at least (one per model and N; a BatchNorm model in exact mode needs D "
+                            "such backward passes); reference / floor: the speed-up of an iteration at the floor. "
+                            "exact_recompute: nio_fast with mode='exact_recompute' (BatchNorm, one chunk graph in "
+                            "memory at a time), its time over the reference's.\n\n" + _growth_notes(table))
         _plot_iteration(table)
     table = _memory_rows(tables.get("memory", []))
     if table:

@@ -1,7 +1,9 @@
-"""Seconds per NIO iteration: the spec's reference against nio_fast, and one training step.
+"""Seconds per NIO iteration: the spec's reference against nio_fast, one training step, and the
+double-backward floor.
 
 `make bench` runs these; `benchmarks/report.py` turns the medians into ratios (reference /
-nio_fast, nio_fast / training step) in benchmarks/results/iteration.{json,md,png}.
+nio_fast, nio_fast / training step, both against the floor) in
+benchmarks/results/iteration.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 import nio_fast
 from networks import images, make
+from nio_fast.algorithms.model_state import nio_modes
 from reference import reference_nio
 
 BATCH = 64
@@ -21,6 +24,7 @@ D_SWEEP = (2, 4, 8, 16)
 CASES = [(model, BATCH, d) for model in ("resnet20_gn", "resnet20_bn", "vit_small") for d in D_SWEEP]
 CASES += [("resnet20_gn", 16, 16), ("resnet20_gn", 128, 4)]  # per-sample (D = N), and a larger batch
 RECOMPUTE_CASES = [("resnet20_bn", BATCH, d) for d in (2, 8)]  # the memory-lean exact mode
+FLOOR_CASES = sorted({(model, batch) for model, batch, _ in CASES})
 ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 10 minutes on 2 quiet cores
 
 
@@ -46,15 +50,38 @@ def recompute_iteration(model, batch, sub_batches):
     nio_fast_iteration(model, batch, sub_batches, mode="exact_recompute")
 
 
+def double_backward_floor(model, batch, sub_batches=None):
+    """What any exact NIO iteration pays at least: one forward, one backward with graph and one
+    double backward over the whole batch (D = 1), here of the simplest function of the gradient,
+    ||g||^2, under NIO's modes (nio_fast's own normalisation and attention ops). Chunk gradients,
+    their Gram and the scale update only add to it. (A BatchNorm model in exact mode needs D such
+    backward passes, so for it this is a floor no exact iteration reaches.)"""
+    inputs, targets = batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    with nio_modes(model, second_order_only=True):
+        grads = torch.autograd.grad(F.cross_entropy(model(inputs), targets), params, create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
 IMPLEMENTATIONS = {"reference": reference_iteration, "nio_fast": nio_fast_iteration,
-                   "nio_fast_recompute": recompute_iteration}
+                   "nio_fast_recompute": recompute_iteration, "floor": double_backward_floor}
 
 
 @pytest.mark.parametrize("model_name,batch_size,sub_batches,implementation",
                          [(*case, implementation) for case in CASES for implementation in ("reference", "nio_fast")]
                          + [(*case, "nio_fast_recompute") for case in RECOMPUTE_CASES])
 def test_iteration(benchmark, record, model_name, batch_size, sub_batches, implementation):
-    """One iteration per round; before each (untimed by pytest-benchmark) one training step, timed
+    time_against_steps(benchmark, record, model_name, batch_size, sub_batches, implementation)
+
+
+@pytest.mark.parametrize("model_name,batch_size", FLOOR_CASES)
+def test_double_backward_floor(benchmark, record, model_name, batch_size):
+    """The floor of every case of this model and batch: it does not depend on D."""
+    time_against_steps(benchmark, record, model_name, batch_size, None, "floor")
+
+
+def time_against_steps(benchmark, record, model_name, batch_size, sub_batches, implementation):
+    """One call per round; before each (untimed by pytest-benchmark) one training step, timed
     here: '/ step' ratios divide medians taken side by side, not minutes apart (a step's time on
     these shared cores drifts by 30% between minutes)."""
     batch, model = images(batch_size), make(model_name)
@@ -67,7 +94,7 @@ def test_iteration(benchmark, record, model_name, batch_size, sub_batches, imple
         training_step(model, batch)
         steps.append(time.perf_counter() - started)
 
-    benchmark.group = f"{model_name} N={batch_size} D={sub_batches}"
+    benchmark.group = f"{model_name} N={batch_size} " + ("floor" if sub_batches is None else f"D={sub_batches}")
     benchmark.pedantic(run, setup=time_a_step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     record("iteration", model=model_name, batch=batch_size, D=sub_batches, implementation=implementation,
            seconds=benchmark.stats.stats.median, step_seconds=statistics.median(steps[1:]))

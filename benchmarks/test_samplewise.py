@@ -1,16 +1,19 @@
 """Sample-wise GradCosine with its backward, against vmap over per-sample gradients and one training step.
 
 For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 inputs, N in
-(16, 64, 256), three things are timed on the same batch and measured for peak memory:
+(16, 64, 256), four things are timed on the same batch and measured for peak memory:
 
 - ``step``: one training step, forward + backward (test_iteration.training_step);
 - ``samplewise``: ``nio_fast.gradcosine(..., sub_batches="samples", mode="factors",
   create_graph=True)`` and ``autograd.grad(value, params)``: one NIO-like evaluation;
 - ``vmap_samples``: the per-sample gradients by ``vmap(grad(loss))`` with graph, their Gram,
-  GradCosine and the same backward, under the modes nio_fast runs in (math attention).
+  GradCosine and the same backward, under the modes nio_fast runs in (math attention);
+- ``floor``: one backward with graph and one double backward of ||g||^2 over the whole batch
+  (test_iteration.double_backward_floor), what differentiating through a backward costs before
+  any per-sample Gram: the floor of time and memory the sample-wise figures stand against.
 
 `report.py` turns the rows into benchmarks/results/samplewise.{json,md,png}: ratios to a
-training step, vmap / sample-wise, the growth of the sample-wise time from N = 16 to 256 and
+training step, vmap / sample-wise, the floor's ratios, the growth of the sample-wise time from N = 16 to 256 and
 whether the targets hold (at N = 64 at most 5 training steps of time and 2x a step's peak
 memory; less than 2x more time from N = 16 to 256).
 
@@ -45,7 +48,7 @@ from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
 from nio_fast.algorithms.model_state import nio_modes
 from harness import synchronize
 from networks import images, make
-from test_iteration import training_step
+from test_iteration import double_backward_floor, training_step
 
 QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
 LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
@@ -53,7 +56,7 @@ MODELS = ("resnet18_gn", "vit_small")
 SIZES = (4, 8) if QUICK else (16, 64, 256)
 MEMORY_SIZES = SIZES[:1] if QUICK else SIZES  # a fresh process each: ~5 s of start-up even when tiny
 OPTIONS = {"resnet18_gn": {"width": 8}} if QUICK else {}  # constructor options per model
-IMPLEMENTATIONS = ("step", "samplewise", "vmap_samples")
+IMPLEMENTATIONS = ("step", "samplewise", "vmap_samples", "floor")
 DEVICE = torch.device(os.environ.get("NIO_FAST_BENCH_DEVICE", "cpu"))
 # per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
 VMAP_LIMIT_BYTES = 0.5 * torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda" else 6e9
@@ -90,7 +93,8 @@ def vmap_samples_evaluation(model, batch):
         torch.autograd.grad(value, params, allow_unused=True)
 
 
-EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation}
+EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation,
+               "floor": double_backward_floor}
 
 
 @functools.cache

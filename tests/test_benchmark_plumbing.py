@@ -192,6 +192,20 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert "12.00 training steps (target <= 5: MISSED)" in slow
     assert "2.50x a step's peak of allocated tensor memory (target <= 2: MISSED)" in slow
     assert "3.00x its peak resident memory (target <= 2: MISSED)" in slow
+    assert "floor" not in fast  # not measured: no sentence about it
+
+    # The floor, where measured, is set beside the targets.
+    floor_timing = timing + [{"model": "fast", "N": 64, "implementation": "floor", "seconds": 2.5}]
+    floor_memory = memory + [{"model": "fast", "N": 64, "implementation": "floor", "threads": 2, "extra_mb": 190.0,
+                              "allocated_mb": 176.0}]
+    with_floor = report._samplewise_rows(floor_timing, floor_memory)
+    fast_64 = next(r for r in with_floor if (r["model"], r["N"]) == ("fast", 64))
+    assert (fast_64["floor s"], fast_64["floor / step"], fast_64["floor MB"]) == (2.5, 2.5, 190.0)
+    assert (fast_64["floor alloc MB"], fast_64["floor alloc / step alloc"]) == (176.0, 2.2)
+    assert with_floor[0]["floor s"] is None and with_floor[0]["floor / step"] is None
+    floor_note = report._samplewise_notes(with_floor).splitlines()[0]
+    assert "floor (one backward with graph and one double backward over the whole batch, no per-sample Gram) " \
+           "takes 2.50 training steps and 2.20x a step's allocated memory" in floor_note
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
     quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
@@ -241,6 +255,25 @@ def test_interleaved_rounds_report_medians_and_ranges():
     import interleaved
     result = interleaved.interleaved_rounds("resnet20_gn", 2, rounds=2, batch_size=8, width=4)
     assert (result["model"], result["D"], result["rounds"]) == ("resnet20_gn", 2, 2)
-    for key in ("speed_up", "nio_fast_steps", "reference_steps"):
+    for key in ("speed_up", "nio_fast_steps", "reference_steps", "floor_steps", "reference_over_floor"):
         summary = result[key]
         assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+
+
+def test_iteration_rows_set_the_floor_beside_every_d_of_its_model():
+    rows = [{"model": "m", "batch": 64, "D": d, "implementation": impl, "seconds": seconds, "step_seconds": 0.5}
+            for d, impl, seconds in ((2, "reference", 4.0), (2, "nio_fast", 2.0), (4, "reference", 8.0),
+                                     (4, "nio_fast", 2.5))]
+    rows.append({"model": "m", "batch": 64, "D": None, "implementation": "floor", "seconds": 2.0,
+                 "step_seconds": 1.0})
+    rows.append({"model": "m", "batch": 16, "D": 16, "implementation": "nio_fast", "seconds": 1.0,
+                 "step_seconds": 0.5})  # no floor at this batch: its cells stay empty
+    table = report._iteration_rows(rows)
+    assert [(r["N"], r["D"]) for r in table] == [(16, 16), (64, 2), (64, 4)]
+    assert table[0]["floor / step"] is None and table[0]["nio_fast / floor"] is None
+    at_4 = table[2]
+    assert (at_4["reference / step"], at_4["nio_fast / step"], at_4["floor / step"]) == (16.0, 5.0, 2.0)
+    assert (at_4["nio_fast / floor"], at_4["reference / floor"], at_4["speed-up"]) == (2.5, 8.0, 3.2)
+    note = report._growth_notes(table)
+    assert ("m: the floor takes 2.00 training steps; at D = 4 nio_fast is 2.50x the floor, and an iteration AT "
+            "the floor would be 8.00x faster than the reference (nio_fast: 3.20x)") in note
