@@ -308,8 +308,9 @@ SAMPLEWISE_NOTES = (
     "includes what glibc's malloc keeps back after frees. alloc MB: the tensor allocator's peak of a second call "
     "in that process (torch.profiler's memory events; on CUDA the allocator's peak), the memory the method "
     "itself needs at once (harness.allocated_peak_mb). floor: one forward, one backward with graph and one double "
-    "backward of ||g||^2 over the whole batch under NIO's modes (test_iteration.double_backward_floor): what any "
-    "method that differentiates through a backward pays at least, before a per-sample Gram. vmap "
+    "backward of ||g||^2 over the whole batch under NIO's modes (test_iteration.double_backward_floor): what "
+    "differentiating through one whole-batch backward costs, the yardstick of the sample-wise figures (which pay "
+    "that, less the batch weight gradients they do not form, plus the per-sample Gram). vmap "
     "is skipped where its per-sample gradients (N x parameters x 4 B x 3) would pass 6 GB.")
 
 

@@ -17,7 +17,7 @@ training step, vmap / sample-wise, the floor's ratios, the growth of the sample-
 whether the targets hold (at N = 64 at most 5 training steps of time and 2x a step's peak
 memory; less than 2x more time from N = 16 to 256).
 
-    python -m pytest benchmarks/test_samplewise.py -q -p no:cacheprovider   # about 10-12 min, 2 cores
+    python -m pytest benchmarks/test_samplewise.py -q -p no:cacheprovider   # about 10 min, 2 cores
 
 Environment:
     NIO_FAST_BENCH_SAMPLEWISE_QUICK=1  plumbing check in about a minute: N in (4, 8) (memory at N = 4
@@ -113,16 +113,17 @@ def vmap_skip_reason(model_name: str, n: int) -> str | None:
 
 
 def schedule(model_name: str, n: int, implementation: str) -> tuple[int, int]:
-    """(timed calls, warm-up calls) of one case: the whole file stays near 12 minutes on 2 cores.
+    """(timed calls, warm-up calls) of one case: the whole file stays near 10 minutes on 2 cores.
 
-    ResNet-18's per-sample evaluations take 10 s to minutes a call: timed once, and from N = 64 on
-    without a warm-up (the one-time costs it would absorb, the first call's lazy imports, ~2 s, are
-    paid by N = 16 before them in the same process, and would be lost in a minute-long call anyway).
+    ResNet-18's evaluations take 2 s to a minute a call: three timed calls after a warm-up up to
+    N = 64 (a single call measured 5.9 and 8.0 training steps in two runs), one without warm-up at
+    N = 256 (the one-time costs a warm-up would absorb, the first call's lazy imports, ~2 s, are
+    paid by N = 16 before it in the same process, and would be lost in a minute-long call anyway).
     """
     if QUICK:
         return 1, 1
     if model_name == "resnet18_gn" and implementation != "step":
-        return 1, 1 if n < 64 else 0
+        return (1, 0) if n >= 256 else (3, 1)
     if n >= 256:
         return 1, 1
     return 2, 1

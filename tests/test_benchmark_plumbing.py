@@ -258,6 +258,12 @@ def test_interleaved_rounds_report_medians_and_ranges():
     for key in ("speed_up", "nio_fast_steps", "reference_steps", "floor_steps", "reference_over_floor"):
         summary = result[key]
         assert 0 < summary["min"] <= summary["median"] <= summary["max"]
+    assert "samplewise_steps" not in result
+
+    samples = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=2, batch_size=4, width=4)
+    assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",
+                            "samplewise_over_floor"}
+    assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
 
 def test_iteration_rows_set_the_floor_beside_every_d_of_its_model():
