@@ -2,6 +2,9 @@
 (autograd of the math path): values and first, second and third derivatives, on odd shapes and
 every kind of mask, in blocks; what the graph keeps; routing; NIO's use of it."""
 import importlib
+import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,9 @@ import nio_fast
 from nio_fast import ops
 from nio_fast.algorithms.model_state import nio_modes
 from norm_checks import assert_near, derivatives, random
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import allocated_peak_mb  # noqa: E402  (the allocator's peak, torch.profiler's memory events)
 
 attention_module = importlib.import_module("nio_fast.ops.attention")  # (ops.attention is the function)
 
@@ -99,6 +105,39 @@ def test_blocks_of_the_sample_axis_give_the_same_numbers(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
+def test_tiles_of_query_rows_equal_the_twin(monkeypatch, dtype, mask_kind, shapes):
+    """Where one entry's scores pass BLOCK_VALUES (long sequences), tiles of its query rows: uneven
+    ones (2 rows per tile of 3 to 9), masks sliced with them, key-side results summed over them."""
+    q, k, v, mask, causal = case(shapes, mask_kind, dtype, seed=31 + MASKS.index(mask_kind))
+    scores = (*shapes[0][:-1], shapes[1][-2])
+    per_entry = scores[-2] * scores[-1] * (1 if len(scores) == 2 else math.prod(scores[1:-2]))
+    monkeypatch.setattr(attention_module, "BLOCK_VALUES", 2 * per_entry // scores[-2])  # two query rows
+    seen = []
+    probabilities = attention_module._probabilities
+    monkeypatch.setattr(attention_module, "_probabilities", lambda q_, *rest: seen.append(q_.shape[-2])
+                        or probabilities(q_, *rest))
+    ours = of_attention(lambda *t: ops.attention(*t, mask, is_causal=causal), q, k, v, torch.Generator().manual_seed(3))
+    theirs = of_attention(lambda *t: ops.attention_reference(*t, mask, is_causal=causal), q, k, v,
+                          torch.Generator().manual_seed(3))
+    assert seen and max(seen) == 2 and (scores[-2] % 2 == 0 or 1 in seen)
+    for mine, reference in zip(ours, theirs):
+        assert torch.isfinite(mine).all()
+        assert_near(mine, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_third_derivatives_in_tiles_of_query_rows_equal_the_twin(monkeypatch, dtype):
+    q, k, v, mask, _ = case(SHAPES[0], "float_per_sample", dtype, seed=6)
+    monkeypatch.setattr(attention_module, "BLOCK_VALUES", 2 * 2 * 7)  # 2 heads x 2 rows x 7 keys per tile
+    ours, theirs = (of_attention(lambda *t: fn(*t, mask), q, k, v, torch.Generator().manual_seed(8), order=3)
+                    for fn in (ops.attention, ops.attention_reference))
+    for mine, reference in zip(ours, theirs):
+        assert_near(mine, reference, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_strided_inputs_as_multi_head_attention_passes_them(dtype):
     """q, k, v as views of one [T, N, 3, H, E] projection (samples and heads not mergeable without
     a copy), differentiated through the views twice."""
@@ -134,6 +173,24 @@ def test_the_graph_keeps_no_tensor_of_the_attentions_size():
         largest[name] = max(saved)
     assert largest["ours"] == q.numel()
     assert largest["math"] == 4 * 2 * 3 * 16 * 16  # the probabilities: what the op leaves out
+
+
+def test_a_long_sequence_runs_in_tiles_of_query_rows():
+    """One entry of 2 heads x 1024 x 1024 scores (8 MB a tensor): its second derivatives never
+    hold two tensors of that size at once (untiled: about six), and the values hold."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (random((1, 2, 1024, 8), torch.float32, gen).requires_grad_() for _ in range(3))
+
+    results = {}
+
+    def second_order(fn):
+        grads = torch.autograd.grad(fn(q, k, v).square().sum(), (q, k, v), create_graph=True)
+        results[fn] = [g.detach() for g in grads] + list(
+            torch.autograd.grad(sum(g.square().sum() for g in grads), (q, k, v)))
+    assert allocated_peak_mb(lambda: second_order(ops.attention)) < 2 * 2 * 1024 * 1024 * 4 / 2**20
+    second_order(ops.attention_reference)
+    for mine, reference in zip(results.pop(ops.attention), results.pop(ops.attention_reference)):
+        assert_near(mine, reference, torch.float32)
 
 
 @pytest.mark.parametrize("arguments, routed", [

@@ -11,9 +11,13 @@ allocated at the peak of a sample-wise GradCosine evaluation (torch.profiler mem
 Here the forward keeps no graph; its backward is an autograd Function of (q, k, v, grad_out)
 that recomputes the probabilities, and that Function's backward is the closed-form second
 derivative below, which recomputes them again. The graph keeps q, k, v and grad_out, and the
-[*, L, S] tensors live for one block of the leading (sample) axis at a time. Third derivatives go
-through autograd of the same formulas. The recomputation costs two more q k^T products and
-softmaxes per layer, which fewer passes over the [*, L, S] tensors more than pay for: on the small
+[*, L, S] tensors live for one tile at a time: a block of the leading (sample) axis, or, where
+one entry's scores are bigger than a tile (long sequences), a block of its query rows (every
+formula below is row by row; the key-side results are summed over the row blocks: a 2-head,
+1024-token entry's second derivatives peaked at 68 MB allocated untiled, under 16 MB in tiles,
+tests/test_attention.py). Third derivatives go through autograd of the same formulas. The
+recomputation costs two more q k^T products and softmaxes per layer, which fewer passes over the
+[*, L, S] tensors more than pay for: on the small
 ViT (batch 64, 2-core CPU) an NIO iteration at D = 4 took 0.88x the math path's time and a
 sample-wise evaluation 0.85x (interleaved medians of 7 rounds).
 
@@ -35,7 +39,7 @@ two equal for values, first, second and third derivatives.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +47,7 @@ from torch.autograd import Function
 
 Tensor = torch.Tensor
 
-# Values per [*, L, S] intermediate of a block (the double backward holds about six at once): the
+# Values per [*, L, S] intermediate of a tile (the double backward holds about six at once): the
 # sample-wise ViT at N = 64 (four blocks of 16 samples) peaked at 109 MB allocated with 2^18,
 # 136 MB with 2^20 (one block), in the same time within noise (2-core CPU).
 BLOCK_VALUES = 1 << 18
@@ -118,8 +122,8 @@ def _additive_mask(query: Tensor, key: Tensor, attn_mask: Optional[Tensor], is_c
 
 
 def _probabilities(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float) -> Tensor:
-    """[R, L, S] softmax(scale q k^T + mask) of [R, L, E] q and [R, S, E] k; ``mask`` is a block's
-    mask of the scores' n-D shape (see :func:`_blocks`)."""
+    """[R, l, S] softmax(scale q k^T + mask) of [R, l, E] q and [R, S, E] k; ``mask`` is a tile's
+    mask of the scores' n-D shape (see :func:`_tiled`)."""
     scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)
     if mask is None:
         return torch.softmax(scores, -1)
@@ -128,32 +132,52 @@ def _probabilities(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float) -
     return torch.ops.aten._safe_softmax(scores.view(mask.shape) + mask, -1).view(scores.shape)
 
 
-def _blocks(q: Tensor, k: Tensor, mask: Optional[Tensor], *others: Optional[Tensor]):
-    """Slices of the leading axis small enough for BLOCK_VALUES, as [R, L, E] tensors: yields
-    (q, k, mask, *others) per block, the mask expanded (a view) to the block's n-D scores shape."""
+TileFn = Callable[[Tensor, Tensor, Optional[Tensor], list, list], tuple[Sequence[Tensor], Sequence[Tensor]]]
+
+
+def _tiled(fn: TileFn, q: Tensor, k: Tensor, mask: Optional[Tensor], rows: Sequence[Tensor] = (),
+           keys: Sequence[Tensor] = ()) -> tuple[list[Tensor], list[Tensor]]:
+    """``fn(q, k, mask, rows, keys) -> (row results, key results)`` tile by tile, assembled.
+
+    ``q`` and ``rows`` are [*, L, .] (split by query row), ``k`` and ``keys`` [*, S, .] (whole in
+    every tile of a leading block); fn sees them as [R, l, .] and [R, S, .] (R: the tile's entries
+    times the inner batch axes) and the mask as the tile's n-D view of the scores' shape. Row
+    results come back as [R_all, L, .] (the tiles' rows concatenated), key results as
+    [R_all, S, .] (summed over a block's row tiles): callers view them as their shapes.
+    """
+    if q.dim() < 3:  # one entry: a leading axis of 1
+        mask = None if mask is None else mask.expand(q.shape[0], k.shape[0])[None]
+        return _tiled(fn, q[None], k[None], mask, [t[None] for t in rows], [t[None] for t in keys])
     scores_shape = (*q.shape[:-1], k.shape[-2])
     if mask is not None:
         mask = mask.expand(scores_shape)
-    tensors = (q, k, *others)
-    if q.dim() < 3:
-        yield (*(_batched(t) for t in tensors[:2]), mask, *(_batched(t) for t in tensors[2:]))
-        return
-    per_row = math.prod(scores_shape[1:])
-    step = max(1, BLOCK_VALUES // max(per_row, 1))
-    for start in range(0, q.shape[0], step):
-        part = slice(start, start + step)
-        q_, k_, *rest = (None if t is None else _batched(t[part]) for t in tensors)
-        yield (q_, k_, None if mask is None else mask[part], *rest)
+    num_rows, per_entry = scores_shape[-2], math.prod(scores_shape[1:])
+    entries_per_block = max(1, BLOCK_VALUES // max(per_entry, 1))
+    rows_per_tile = num_rows if per_entry <= BLOCK_VALUES else \
+        max(1, BLOCK_VALUES // max(per_entry // num_rows, 1))
+    row_blocks, key_blocks = [], []
+    for start in range(0, q.shape[0], entries_per_block):
+        entries = slice(start, start + entries_per_block)
+        k_, keys_ = _batched(k[entries]), [_batched(t[entries]) for t in keys]
+        row_tiles, key_sums = [], None
+        for first_row in range(0, num_rows, rows_per_tile):
+            tile = (entries, Ellipsis, slice(first_row, first_row + rows_per_tile), slice(None))
+            row_results, key_results = fn(_batched(q[tile]), k_, None if mask is None else mask[tile],
+                                          [_batched(t[tile]) for t in rows], keys_)
+            row_tiles.append(row_results)
+            key_sums = list(key_results) if key_sums is None else \
+                [total.add_(part) for total, part in zip(key_sums, key_results)]
+        row_blocks.append([_cat(parts, 1) for parts in zip(*row_tiles)])
+        key_blocks.append(key_sums)
+    return [_cat(parts, 0) for parts in zip(*row_blocks)], [_cat(parts, 0) for parts in zip(*key_blocks)]
 
 
-def _batched(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.reshape(-1, *t.shape[-2:])
+def _batched(t: Tensor) -> Tensor:
+    return t.reshape(-1, *t.shape[-2:])
 
 
-def _joined(results: list[tuple[Tensor, ...]], shapes) -> tuple[Tensor, ...]:
-    """The blocks' [R, L, E] results, concatenated and viewed as ``shapes``."""
-    return tuple((torch.cat(parts) if len(parts) > 1 else parts[0]).view(shape)
-                 for parts, shape in zip(zip(*results), shapes))
+def _cat(parts: Sequence[Tensor], dim: int) -> Tensor:
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0]
 
 
 # Fewer passes over the [R, L, S] tensors is the speed here (64 tokens of 16 values per head: the
@@ -164,14 +188,14 @@ def _joined(results: list[tuple[Tensor, ...]], shapes) -> tuple[Tensor, ...]:
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, mask: Optional[Tensor], scale: float):
     """(dq, dk, dv): the attention's gradients for output gradient ``grad_out``."""
-    results = []
-    for q_, k_, mask_, v_, grad_ in _blocks(q, k, mask, v, grad_out):
+    def tile(q_, k_, mask_, rows, keys):
+        (grad_,), (v_,) = rows, keys
         p = _probabilities(q_, k_, mask_, scale)
         grad_scores = torch._softmax_backward_data(torch.bmm(grad_, v_.transpose(1, 2)), p, -1, p.dtype)
-        results.append((torch.bmm(grad_scores, k_).mul_(scale),
-                        torch.bmm(grad_scores.transpose(1, 2), q_).mul_(scale),
-                        torch.bmm(p.transpose(1, 2), grad_)))
-    return _joined(results, (q.shape, k.shape, v.shape))
+        return ((torch.bmm(grad_scores, k_).mul_(scale),),
+                (torch.bmm(grad_scores.transpose(1, 2), q_).mul_(scale), torch.bmm(p.transpose(1, 2), grad_)))
+    (dq,), (dk, dv) = _tiled(tile, q, k, mask, rows=(grad_out,), keys=(v,))
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
 def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
@@ -179,8 +203,9 @@ def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
     cot_v) of (dq, dk, dv), None meaning zero."""
     cot_q, cot_k, cot_v = (torch.zeros_like(t) if c is None else c
                            for c, t in ((cot_q, q), (cot_k, k), (cot_v, v)))
-    results = []
-    for q_, k_, mask_, v_, grad_, cq, ck, cv in _blocks(q, k, mask, v, grad_out, cot_q, cot_k, cot_v):
+
+    def tile(q_, k_, mask_, rows, keys):
+        (grad_, cq), (v_, ck, cv) = rows, keys
         p = _probabilities(q_, k_, mask_, scale)
         grad_p = torch.bmm(grad_, v_.transpose(1, 2))
         centred = grad_p - (p * grad_p).sum(-1, keepdim=True)
@@ -191,11 +216,12 @@ def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
         cot_p = (cot_grad_scores * centred).addcmul_(weighted, grad_p, value=-1)
         cot_p.baddbmm_(grad_, cv.transpose(1, 2))
         cot_scores = torch._softmax_backward_data(cot_p, p, -1, p.dtype)
-        results.append((torch.bmm(grad_scores, ck).baddbmm_(cot_scores, k_).mul_(scale),
-                        torch.bmm(grad_scores.transpose(1, 2), cq).baddbmm_(cot_scores.transpose(1, 2), q_).mul_(scale),
-                        torch.bmm(cot_grad_p.transpose(1, 2), grad_),
-                        torch.bmm(cot_grad_p, v_).baddbmm_(p, cv)))
-    return _joined(results, (q.shape, k.shape, v.shape, grad_out.shape))
+        return ((torch.bmm(grad_scores, ck).baddbmm_(cot_scores, k_).mul_(scale),
+                 torch.bmm(cot_grad_p, v_).baddbmm_(p, cv)),
+                (torch.bmm(grad_scores.transpose(1, 2), cq).baddbmm_(cot_scores.transpose(1, 2), q_).mul_(scale),
+                 torch.bmm(cot_grad_p.transpose(1, 2), grad_)))
+    (d_q, d_grad_out), (d_k, d_v) = _tiled(tile, q, k, mask, rows=(grad_out, cot_q), keys=(v, cot_k, cot_v))
+    return d_q.view(q.shape), d_k.view(k.shape), d_v.view(v.shape), d_grad_out.view(grad_out.shape)
 
 
 class _Attention(Function):
@@ -206,9 +232,10 @@ class _Attention(Function):
     def forward(q, k, v, mask, scale):
         # The recomputation's formula, not F.scaled_dot_product_attention: NIO runs under the math
         # backend, whose safe softmax searches every row for masked ones (2% of a ViT iteration).
-        parts = [(torch.bmm(_probabilities(q_, k_, mask_, scale), v_),)
-                 for q_, k_, mask_, v_ in _blocks(q, k, mask, v)]
-        return _joined(parts, ((*q.shape[:-1], v.shape[-1]),))[0]
+        (out,), _ = _tiled(lambda q_, k_, mask_, rows, keys: ((torch.bmm(_probabilities(q_, k_, mask_, scale),
+                                                                         keys[0]),), ()),
+                           q, k, mask, keys=(v,))
+        return out.view(*q.shape[:-1], v.shape[-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
