@@ -81,13 +81,20 @@ def allocated_peak_mb(fn: Callable[[], object]) -> float:
     from torch._C._profiler import _EventType
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    pending, peak = list(prof.profiler.kineto_results.experimental_event_tree()), 0
+    pending, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
     while pending:
         event = pending.pop()
         pending.extend(event.children)
         if event.tag == _EventType.Allocation:
-            peak = max(peak, event.extra_fields.total_allocated)
-    return peak / 2**20
+            events.append(event)
+    if not events:
+        return 0.0
+    # total_allocated counts from the first profile of the process: tensors an earlier profiled
+    # call allocated and that were freed outside any profile stay in it, so the peak is taken
+    # above the count just before this call's first event.
+    first = min(events, key=lambda event: event.start_time_ns).extra_fields
+    baseline = first.total_allocated - first.alloc_size
+    return (max(event.extra_fields.total_allocated for event in events) - baseline) / 2**20
 
 
 def write_results(name: str, rows: list[dict], columns: list[str], title: str, notes: str = "") -> Path:

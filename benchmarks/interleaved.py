@@ -5,9 +5,9 @@ floor, interleaved in one process.
     python benchmarks/interleaved.py MODEL samples [--rounds R] [--batch N] [--width W]
 
 With D, each round times one training step, one reference iteration, one nio_fast iteration and
-the double-backward floor (test_iteration.double_backward_floor), in that order, on the same
+the double-backward floor (workloads.double_backward_floor), in that order, on the same
 model and batch; with ``samples``, a training step, one sample-wise GradCosine evaluation with
-its backward (test_samplewise.samplewise_evaluation) and the floor. Every ratio (the speed-up,
+its backward (workloads.samplewise_evaluation) and the floor. Every ratio (the speed-up,
 each call in training steps, reference / floor: the speed-up of an iteration at the floor,
 sample-wise / floor) is taken per round and its median and range printed (one JSON line). On
 shared cores the machine's speed drifts by +-30% over minutes, so ratios of cases timed minutes
@@ -27,7 +27,8 @@ from typing import Union
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
-from test_iteration import double_backward_floor, nio_fast_iteration, reference_iteration, training_step  # noqa: E402
+from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
+from workloads import double_backward_floor, samplewise_evaluation, training_step  # noqa: E402
 
 RATIOS = {  # name: (numerator, denominator), per round
     "speed_up": ("reference", "nio_fast"), "nio_fast_steps": ("nio_fast", "step"),
@@ -51,7 +52,6 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str], rounds: in
     model, batch = make(model_name, **options), images(batch_size)
     calls = {"step": lambda: training_step(model, batch)}
     if sub_batches == "samples":
-        from test_samplewise import samplewise_evaluation
         calls["samplewise"] = lambda: samplewise_evaluation(model, batch)
     else:
         calls["reference"] = lambda: reference_iteration(model, batch, sub_batches)

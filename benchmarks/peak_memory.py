@@ -4,7 +4,7 @@
 
 prints one JSON line: the resident set after building the model and the batch, the peak
 after one iteration (reference, nio_fast, nio_fast_recompute: mode="exact_recompute"), training step (step),
-the double-backward floor (floor: test_iteration.double_backward_floor), or sample-wise GradCosine
+the double-backward floor (floor: workloads.double_backward_floor), or sample-wise GradCosine
 with its backward (samplewise: from layer factors; vmap_samples: from per-sample gradients by
 vmap; both take D = N, see test_samplewise.py), and their difference. A
 fresh process per measurement: the high-water mark only ever grows, so nothing else may have
@@ -27,8 +27,9 @@ import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 import torch  # noqa: E402
 
 from networks import images, make  # noqa: E402
-from test_iteration import IMPLEMENTATIONS, training_step  # noqa: E402
-from test_samplewise import samplewise_evaluation, vmap_samples_evaluation  # noqa: E402
+from test_iteration import IMPLEMENTATIONS  # noqa: E402
+from test_samplewise import vmap_samples_evaluation  # noqa: E402
+from workloads import samplewise_evaluation, training_step  # noqa: E402
 
 SAMPLEWISE = {"samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation}
 

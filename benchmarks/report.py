@@ -308,7 +308,7 @@ SAMPLEWISE_NOTES = (
     "includes what glibc's malloc keeps back after frees. alloc MB: the tensor allocator's peak of a second call "
     "in that process (torch.profiler's memory events; on CUDA the allocator's peak), the memory the method "
     "itself needs at once (harness.allocated_peak_mb). floor: one forward, one backward with graph and one double "
-    "backward of ||g||^2 over the whole batch under NIO's modes (test_iteration.double_backward_floor): what "
+    "backward of ||g||^2 over the whole batch under NIO's modes (workloads.double_backward_floor): what "
     "differentiating through one whole-batch backward costs, the yardstick of the sample-wise figures (which pay "
     "that, less the batch weight gradients they do not form, plus the per-sample Gram). vmap "
     "is skipped where its per-sample gradients (N x parameters x 4 B x 3) would pass 6 GB.")
@@ -355,7 +355,7 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "(forward + backward) on the same batch, timed between the rounds of the same "
                             "case (step s: those of nio_fast's); floor: one forward, one backward with graph and "
                             "one double backward over the whole batch, of ||g||^2 under NIO's modes "
-                            "(test_iteration.double_backward_floor), what any exact iteration on a coupling-free "
+                            "(workloads.double_backward_floor), what any exact iteration on a coupling-free "
                             "model pays at least (one per model and N; a BatchNorm model in exact mode needs D "
                             "such backward passes); reference / floor: the speed-up of an iteration at the floor. "
                             "exact_recompute: nio_fast with mode='exact_recompute' (BatchNorm, one chunk graph in "

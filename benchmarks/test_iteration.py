@@ -11,13 +11,12 @@ import statistics
 import time
 
 import pytest
-import torch
 import torch.nn.functional as F
 
 import nio_fast
 from networks import images, make
-from nio_fast.algorithms.model_state import nio_modes
 from reference import reference_nio
+from workloads import double_backward_floor, training_step
 
 BATCH = 64
 D_SWEEP = (2, 4, 8, 16)
@@ -26,13 +25,6 @@ CASES += [("resnet20_gn", 16, 16), ("resnet20_gn", 128, 4)]  # per-sample (D = N
 RECOMPUTE_CASES = [("resnet20_bn", BATCH, d) for d in (2, 8)]  # the memory-lean exact mode
 FLOOR_CASES = sorted({(model, batch) for model, batch, _ in CASES})
 ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 10 minutes on 2 quiet cores
-
-
-def training_step(model, batch):
-    model.train()
-    inputs, targets = batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    torch.autograd.grad(F.cross_entropy(model(inputs), targets), params)
 
 
 def reference_iteration(model, batch, sub_batches):
@@ -48,19 +40,6 @@ def nio_fast_iteration(model, batch, sub_batches, mode="auto"):
 def recompute_iteration(model, batch, sub_batches):
     """mode="exact_recompute": exact semantics, one chunk graph in memory at a time."""
     nio_fast_iteration(model, batch, sub_batches, mode="exact_recompute")
-
-
-def double_backward_floor(model, batch, sub_batches=None):
-    """What any exact NIO iteration pays at least: one forward, one backward with graph and one
-    double backward over the whole batch (D = 1), here of the simplest function of the gradient,
-    ||g||^2, under NIO's modes (nio_fast's own normalisation and attention ops). Chunk gradients,
-    their Gram and the scale update only add to it. (A BatchNorm model in exact mode needs D such
-    backward passes, so for it this is a floor no exact iteration reaches.)"""
-    inputs, targets = batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    with nio_modes(model, second_order_only=True):
-        grads = torch.autograd.grad(F.cross_entropy(model(inputs), targets), params, create_graph=True)
-        torch.autograd.grad(sum(g.square().sum() for g in grads), params)
 
 
 IMPLEMENTATIONS = {"reference": reference_iteration, "nio_fast": nio_fast_iteration,

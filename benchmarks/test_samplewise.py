@@ -9,7 +9,7 @@ For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 in
 - ``vmap_samples``: the per-sample gradients by ``vmap(grad(loss))`` with graph, their Gram,
   GradCosine and the same backward, under the modes nio_fast runs in (math attention);
 - ``floor``: one backward with graph and one double backward of ||g||^2 over the whole batch
-  (test_iteration.double_backward_floor), what differentiating through a backward costs before
+  (workloads.double_backward_floor), what differentiating through a backward costs before
   any per-sample Gram: the floor of time and memory the sample-wise figures stand against.
 
 `report.py` turns the rows into benchmarks/results/samplewise.{json,md,png}: ratios to a
@@ -48,7 +48,7 @@ from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
 from nio_fast.algorithms.model_state import nio_modes
 from harness import synchronize
 from networks import images, make
-from test_iteration import double_backward_floor, training_step
+from workloads import double_backward_floor, samplewise_evaluation, trainable, training_step
 
 QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
 LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
@@ -69,17 +69,6 @@ def build(model_name: str):
 
 def batch_of(n: int):
     return tuple(t.to(DEVICE) for t in images(n))
-
-
-def trainable(model) -> list[torch.Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def samplewise_evaluation(model, batch):
-    """Sample-wise GradCosine from layer factors and its gradient: one NIO-like evaluation."""
-    result = nio_fast.gradcosine(model, batch, sub_batches="samples", mode="factors", create_graph=True)
-    torch.autograd.grad(result.value, trainable(model), allow_unused=True)
-    return result
 
 
 def vmap_samples_evaluation(model, batch):

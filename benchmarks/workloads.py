@@ -1,0 +1,40 @@
+"""The calls the benchmarks time, shared by the suites and the scripts: a training step, the
+double-backward floor and one sample-wise GradCosine evaluation (a module of its own, not a
+test file, so that scripts imported from tests/ do not meet tests' modules of the same name)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import nio_fast
+from nio_fast.algorithms.model_state import nio_modes
+
+
+def trainable(model) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def training_step(model, batch):
+    model.train()
+    inputs, targets = batch
+    torch.autograd.grad(F.cross_entropy(model(inputs), targets), trainable(model))
+
+
+def double_backward_floor(model, batch, sub_batches=None):
+    """What any exact NIO iteration pays at least: one forward, one backward with graph and one
+    double backward over the whole batch (D = 1), here of the simplest function of the gradient,
+    ||g||^2, under NIO's modes (nio_fast's own normalisation and attention ops). Chunk gradients,
+    their Gram and the scale update only add to it. (A BatchNorm model in exact mode needs D such
+    backward passes, so for it this is a floor no exact iteration reaches.)"""
+    inputs, targets = batch
+    params = trainable(model)
+    with nio_modes(model, second_order_only=True):
+        grads = torch.autograd.grad(F.cross_entropy(model(inputs), targets), params, create_graph=True)
+        torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
+def samplewise_evaluation(model, batch):
+    """Sample-wise GradCosine from layer factors and its gradient: one NIO-like evaluation."""
+    result = nio_fast.gradcosine(model, batch, sub_batches="samples", mode="factors", create_graph=True)
+    torch.autograd.grad(result.value, trainable(model), allow_unused=True)
+    return result
