@@ -24,7 +24,7 @@ CASES = [(model, BATCH, d) for model in ("resnet20_gn", "resnet20_bn", "vit_smal
 CASES += [("resnet20_gn", 16, 16), ("resnet20_gn", 128, 4)]  # per-sample (D = N), and a larger batch
 RECOMPUTE_CASES = [("resnet20_bn", BATCH, d) for d in (2, 8)]  # the memory-lean exact mode
 FLOOR_CASES = sorted({(model, batch) for model, batch, _ in CASES})
-ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 10 minutes on 2 quiet cores
+ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 6 minutes on 2 cores (5-6 measured)
 
 
 def reference_iteration(model, batch, sub_batches):

@@ -3,7 +3,7 @@
 For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 inputs, N in
 (16, 64, 256), four things are timed on the same batch and measured for peak memory:
 
-- ``step``: one training step, forward + backward (test_iteration.training_step);
+- ``step``: one training step, forward + backward (workloads.training_step);
 - ``samplewise``: ``nio_fast.gradcosine(..., sub_batches="samples", mode="factors",
   create_graph=True)`` and ``autograd.grad(value, params)``: one NIO-like evaluation;
 - ``vmap_samples``: the per-sample gradients by ``vmap(grad(loss))`` with graph, their Gram,
