@@ -1,6 +1,7 @@
 """Attention with a recomputing double backward (nio_fast.ops.attention) against its plain twin
 (autograd of the math path): values and first, second and third derivatives, on odd shapes and
-every kind of mask, in blocks; what the graph keeps; routing; NIO's use of it."""
+every kind of mask, in blocks of samples and tiles of query rows; what the graph keeps and the
+peak a long sequence needs; routing; NIO's use of it."""
 import importlib
 import math
 import sys
