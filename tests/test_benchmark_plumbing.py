@@ -281,5 +281,11 @@ def test_iteration_rows_set_the_floor_beside_every_d_of_its_model():
     assert (at_4["reference / step"], at_4["nio_fast / step"], at_4["floor / step"]) == (16.0, 5.0, 2.0)
     assert (at_4["nio_fast / floor"], at_4["reference / floor"], at_4["speed-up"]) == (2.5, 8.0, 3.2)
     note = report._growth_notes(table)
+    assert "growth" not in note and "grows" not in note  # no D = 2 and 16 here
+    rows += [{"model": "m", "batch": 64, "D": 16, "implementation": impl, "seconds": seconds, "step_seconds": 1.0}
+             for impl, seconds in (("reference", 32.0), ("nio_fast", 6.0))]
+    grown = report._growth_notes(report._iteration_rows(rows))
+    assert ("m: time grows x3.00 (nio_fast) and x8.00 (reference) from D = 2 to D = 16; in training steps "
+            "x1.50 and x4.00.") in grown
     assert ("m: the floor takes 2.00 training steps; at D = 4 nio_fast is 2.50x the floor, and an iteration AT "
             "the floor would be 8.00x faster than the reference (nio_fast: 3.20x)") in note
