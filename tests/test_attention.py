@@ -241,7 +241,10 @@ def test_nio_modes_route_a_transformers_attention_and_keep_gradcosine():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("mask_kind", ["none", "bool_with_empty_row", "float_per_sample", "causal"])
-def test_on_cuda_values_and_derivatives_equal_the_twin_on_the_cpu(dtype, mask_kind):
+@pytest.mark.parametrize("tile_values", [None, 2 * 2 * 7], ids=["one_tile", "tiles_of_two_rows"])
+def test_on_cuda_values_and_derivatives_equal_the_twin_on_the_cpu(monkeypatch, dtype, mask_kind, tile_values):
+    if tile_values is not None:
+        monkeypatch.setattr(attention_module, "CUDA_BLOCK_VALUES", tile_values)  # 2 heads x 2 rows x 7 keys
     q, k, v, mask, causal = case(SHAPES[0], mask_kind, dtype, seed=21)
     ours = of_attention(lambda *t: ops.attention(*t, None if mask is None else mask.cuda(), is_causal=causal),
                        q.cuda(), k.cuda(), v.cuda(), torch.Generator().manual_seed(3))
