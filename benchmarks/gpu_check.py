@@ -481,7 +481,8 @@ def torchvision_cases(args) -> tuple[list[tuple[str, Callable, int, int, int]], 
 
 
 def step_torchvision(report: dict, args, log: Log, deadline: Deadline) -> str:
-    from test_iteration import nio_fast_iteration, reference_iteration, training_step
+    from test_iteration import nio_fast_iteration, reference_iteration
+    from workloads import double_backward_floor, training_step
     device = args.device
     cases, note = torchvision_cases(args)
     result = {"rows": [], "note": note}
@@ -498,7 +499,8 @@ def step_torchvision(report: dict, args, log: Log, deadline: Deadline) -> str:
         row = {"model": name, "batch": batch_size, "image": image, "D": D, "device": device.type}
         for label, run in (("step", lambda: training_step(model, batch)),
                            ("reference", lambda: reference_iteration(model, batch, D)),
-                           ("nio_fast", lambda: nio_fast_iteration(model, batch, D))):
+                           ("nio_fast", lambda: nio_fast_iteration(model, batch, D)),
+                           ("floor", lambda: double_backward_floor(model, batch))):
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
@@ -514,8 +516,11 @@ def step_torchvision(report: dict, args, log: Log, deadline: Deadline) -> str:
             if device.type == "cuda":
                 row[f"{label} peak MB"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         row["speed-up"] = (row["reference s"] / row["nio_fast s"]) if row["reference s"] and row["nio_fast s"] else None
+        # the speed-up of an iteration at the floor (workloads.double_backward_floor)
+        row["reference / floor"] = (row["reference s"] / row["floor s"]) if row["reference s"] and row["floor s"] else None
         result["rows"].append(row)
-        log.line(f"  {name} D={D}: " + ", ".join(f"{label} {row[f'{label} s']} s" for label in ("step", "reference", "nio_fast")))
+        log.line(f"  {name} D={D}: " + ", ".join(f"{label} {row[f'{label} s']} s"
+                                                 for label in ("step", "reference", "nio_fast", "floor")))
         del model, batch
         gc.collect()
     if note:

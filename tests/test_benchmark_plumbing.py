@@ -118,9 +118,10 @@ def test_gpu_check_dry_run_writes_its_report(tmp_path):
     assert {r["backend"] for r in written["group_norm"]} >= {"native", "torch", "cpp"}
     assert all(r["median s"] > 0 and r["native / backend"] > 0 for r in written["group_norm"])
     assert written["torchvision"]["rows"] and written["torchvision"]["rows"][0]["nio_fast s"] > 0
+    assert written["torchvision"]["rows"][0]["floor s"] > 0 and written["torchvision"]["rows"][0]["reference / floor"] > 0
     assert written["iteration"] and written["iteration"][0]["step s"] > 0
     samplewise = {r["N"]: r for r in written["samplewise"] if r["model"] == "vit_small"}
-    assert samplewise[4]["sample-wise s"] > 0 and samplewise[4]["step s"] > 0
+    assert samplewise[4]["sample-wise s"] > 0 and samplewise[4]["step s"] > 0 and samplewise[4]["floor s"] > 0
 
     markdown = (tmp_path / "gpu_check.md").read_text()
     for heading in ("**Result: PASS**", "## Correctness tests", "## Bandwidth", "## Gram benchmarks",
