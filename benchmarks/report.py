@@ -282,7 +282,9 @@ def _samplewise_notes(table: list[dict]) -> str:
         steps, memory = at.get("sample-wise / step"), at.get("sample-wise MB / step MB")
         allocated = at.get("sample-wise alloc / step alloc")
         limit = SAMPLEWISE_TARGETS["memory"]
-        steps_text = f"{steps:.2f} training steps" if steps is not None else "? training steps"
+
+        def in_steps(value):
+            return f"{value:.2f} training steps" if value is not None else "? training steps"
 
         def times(value):
             return f"{value:.2f}x" if value is not None else "?x"
@@ -290,9 +292,9 @@ def _samplewise_notes(table: list[dict]) -> str:
         floor_text = ""
         if floor_steps is not None or floor_allocated is not None:
             floor_text = (f" The double-backward floor (one backward with graph and one double backward over "
-                          f"the whole batch, no per-sample Gram) takes {times(floor_steps)[:-1]} training steps "
+                          f"the whole batch, no per-sample Gram) takes {in_steps(floor_steps)} "
                           f"and {times(floor_allocated)} a step's allocated memory.")
-        lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {steps_text} "
+        lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {in_steps(steps)} "
                      f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
                      f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
                      f"{_verdict(allocated, limit)}) and {times(memory)} its peak resident memory "
