@@ -235,9 +235,10 @@ class _Attention(Function):
     def forward(q, k, v, mask, scale):
         # The recomputation's formula, not F.scaled_dot_product_attention: NIO runs under the math
         # backend, whose safe softmax searches every row for masked ones (2% of a ViT iteration).
-        (out,), _ = _tiled(lambda q_, k_, mask_, rows, keys: ((torch.bmm(_probabilities(q_, k_, mask_, scale),
-                                                                         keys[0]),), ()),
-                           q, k, mask, keys=(v,))
+        def tile(q_, k_, mask_, rows, keys):
+            (v_,) = keys
+            return (torch.bmm(_probabilities(q_, k_, mask_, scale), v_),), ()
+        (out,), _ = _tiled(tile, q, k, mask, keys=(v,))
         return out.view(*q.shape[:-1], v.shape[-1])
 
     @staticmethod
