@@ -21,10 +21,12 @@ from .algorithms.model_state import nio_modes
 from .algorithms.nio import OBJECTIVES, run_nio
 from .algorithms.report import InitReport
 from .availability import BACKEND_NAMES
+from .samplewise.segments import resolve_segments
 
 METHODS = ("nio", "gradinit")
 
 ParamsArg = Optional[Iterable[Union[str, torch.Tensor]]]
+RecomputeArg = Optional[Union[nn.Module, type, Iterable[Union[nn.Module, type]]]]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -106,6 +108,12 @@ def _check_sampling(sub_batches: Any, overlap: Any, mode: Any, group: Any = None
              "mode: 'exact_recompute' is not supported in distributed runs yet (use 'exact')")
 
 
+def _check_recompute(model: nn.Module, recompute: Any, group: Any) -> list[nn.Module]:
+    segments = resolve_segments(model, recompute)
+    _require(not segments or group is None, "recompute: not supported in distributed runs yet")
+    return segments
+
+
 def _check_backend(backend: Any) -> None:
     _require_choice("backend", backend, ("auto",) + BACKEND_NAMES)
 
@@ -130,7 +138,8 @@ def _check_local_batch_size(inputs: Any, group: Any, sub_batches: int, arg: str)
 def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *,
                sub_batches: Union[int, str] = 2,
                overlap: float = 0.0, params: ParamsArg = None, mode: str = "auto",
-               create_graph: bool = False, backend: str = "auto", process_group: Any = None) -> GradCosineResult:
+               create_graph: bool = False, backend: str = "auto", process_group: Any = None,
+               recompute: RecomputeArg = None) -> GradCosineResult:
     """GradCosine of ``model`` on one batch: the mean pairwise cosine of sub-batch gradients.
 
     Args:
@@ -161,6 +170,12 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
             every rank. Every rank of the group must call it (to measure on one rank alone, pass
             a group of that rank only). With ``create_graph=True`` every rank must differentiate
             the result (its backward exchanges data), and gets its own chunks' part of the gradient.
+        recompute: submodules (modules, or module classes standing for their outermost instances)
+            whose forward, backward and Gram parts are recomputed instead of kept while the result
+            is differentiated: the same value and gradients with only each one's input and output
+            gradient alive (``nio_fast.samplewise.segments``), for about three more forwards and
+            two more backwards of them. The ``"factors"`` mode only (``sub_batches="samples"``);
+            a recomputed module's parameters must be its own, used once per forward. None: none.
 
     Returns:
         :class:`GradCosineResult` with ``value``, ``norms``, ``gram``, ``cosine``, ``chunks``.
@@ -171,6 +186,7 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
         names, tensors = select_parameters(model, params)
         _check_sampling(sub_batches, overlap, mode, group)
         _check_backend(backend)
+        segments = _check_recompute(model, recompute, group)
         distributed.check_chunking(group, sub_batches, overlap)
         inputs, targets = to_device(unpack_batch(batch), tensors[0].device)
         notes.batch_size(_check_local_batch_size(inputs, group, sub_batches, "batch"))
@@ -180,7 +196,7 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
     if group is None:
         with nio_modes(model):
             result = evaluate_gradcosine(model, inputs, targets, loss_fn, tensors, sub_batches, overlap, mode,
-                                         create_graph, backend)
+                                         create_graph, backend, segments=segments)
         if result.routes is not None:  # by name for the caller
             result.routes = {names[index]: route for index, route in result.routes.items()}
         return result
@@ -198,7 +214,7 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
                lr: float = 0.05, min_scale: float = 0.01, grad_clip: Optional[float] = 1.0,
                objective: str = "gc", mu: float = 1.0, mode: str = "auto", progress: bool = True,
                seed: Optional[int] = None, inner: str = "sgd", eta: float = 0.1, params: ParamsArg = None,
-               backend: str = "auto", process_group: Any = None) -> InitReport:
+               backend: str = "auto", process_group: Any = None, recompute: RecomputeArg = None) -> InitReport:
     """Rescale every parameter tensor of ``model`` in place for a better start; return a report.
 
     ``method="nio"`` learns one positive scale per tensor that maximises GradCosine while
@@ -231,6 +247,9 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
             its own part of each global batch; ``sub_batches`` must be a multiple of the world
             size and ``overlap`` 0; NIO only. Every rank applies the same scales and returns the
             same report; only rank 0 shows progress. See ``nio_fast.distributed``.
+        recompute: submodules recomputed in each iteration instead of kept (sample-wise NIO's
+            memory at about a training step's; see :func:`gradcosine`). NIO with the
+            ``"factors"`` mode only.
     """
     group = distributed.resolve_group(process_group, model)
     model = distributed.unwrap(model)  # a DDP model runs through its module (nio_fast.distributed)
@@ -240,6 +259,10 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
                 model, params, method=method, iters=iters, sub_batches=sub_batches, overlap=overlap, gamma=gamma,
                 lr=lr, min_scale=min_scale, grad_clip=grad_clip, objective=objective, mu=mu, mode=mode, seed=seed,
                 inner=inner, eta=eta, backend=backend, loss_fn=loss_fn, group=group)
+            segments = _check_recompute(model, recompute, group)
+            _require(not segments or method == "nio", "recompute: applies to method='nio' only")
+            if segments:
+                settings["recompute"] = len(segments)
             notes.settings(settings, names, tensors)
             device = tensors[0].device
             if seed is not None:  # run under this seed, the caller's RNG untouched
@@ -257,7 +280,7 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
             run = distributed.DistributedRun(group, tensors, sub_batches) if group is not None else None
             return run_nio(model, stream, loss_fn or F.cross_entropy, names, tensors, sub_batches=sub_batches,
                            overlap=overlap, objective=objective, mu=mu, mode=mode, backend=backend,
-                           distributed=run, **common)
+                           distributed=run, segments=segments, **common)
         return run_gradinit(model, stream, loss_fn or F.cross_entropy, names, tensors, inner=inner, eta=eta,
                             **common)
 

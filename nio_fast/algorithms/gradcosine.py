@@ -242,7 +242,8 @@ def dense_gradient_table(grads: list[list[Optional[torch.Tensor]]],
 def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                         params: Sequence[torch.Tensor], sub_batches: SubBatches, overlap: float, mode: str,
                         create_graph: bool, backend: str = "auto",
-                        distributed: Optional["DistributedRun"] = None) -> GradCosineResult:
+                        distributed: Optional["DistributedRun"] = None,
+                        segments: Sequence[nn.Module] = ()) -> GradCosineResult:
     """GradCosine of one batch; the caller has already put the model in NIO's modes.
 
     With ``distributed``, ``inputs`` is this rank's part of the global batch: it forms its
@@ -251,8 +252,11 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     chunks_here = chunks_for(sub_batches, num_samples(inputs)) if distributed is None else distributed.local_chunks
     bounds = chunk_bounds(num_samples(inputs), chunks_here, overlap)
     requested, mode = mode, resolve_mode(mode, model, sub_batches)
+    if segments and mode != "factors":
+        raise ValueError(f"recompute: segments are recomputed by the factors mode only (sub_batches='samples' "
+                         f"or mode='factors' on a model without batch coupling); this evaluation runs {mode!r}")
     if mode == "factors":
-        return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph)
+        return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph, segments)
     if mode == "exact_recompute":
         if distributed is not None:
             raise ValueError("mode: 'exact_recompute' does not run under torch.distributed yet (use 'exact')")
@@ -316,7 +320,7 @@ class NotASampleMean(ValueError):
 
 def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                          params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
-                         create_graph: bool) -> GradCosineResult:
+                         create_graph: bool, segments: Sequence[nn.Module] = ()) -> GradCosineResult:
     """``"factors"``: the Gram of the chunk gradients from layer factors (``nio_fast.samplewise``;
     per-sample gradients the engine forms anyway are averaged into chunks before their Gram, the
     rest reduced as W^T G W).
@@ -330,7 +334,7 @@ def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: L
     if not per_sample:
         _check_mean_loss(model, inputs, targets, loss_fn, bounds)
     sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph,
-                             chunks=None if per_sample else bounds)
+                             chunks=None if per_sample else bounds, segments=segments)
     gram = sample.gram
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)

@@ -31,7 +31,8 @@ def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Seque
             params: Sequence[nn.Parameter], *, iters: int, sub_batches: SubBatches, overlap: float,
             gamma: Optional[float], lr: float, min_scale: float, grad_clip: Optional[float],
             objective: str, mu: float, mode: str, progress: bool, backend: str,
-            settings: dict[str, Any], distributed: Optional["DistributedRun"] = None) -> InitReport:
+            settings: dict[str, Any], distributed: Optional["DistributedRun"] = None,
+            segments: Sequence[nn.Module] = ()) -> InitReport:
     """The NIO loop. Arguments are already validated by ``nio_fast.initialize``.
 
     With ``distributed``, ``stream`` yields this rank's part of each global batch.
@@ -46,7 +47,8 @@ def run_nio(model: nn.Module, stream: BatchStream, loss_fn: LossFn, names: Seque
             logger.debug("skipping a batch of %d samples (< %d chunks)", num_samples(inputs), chunks_here)
             inputs, targets = next(stream)
         result = evaluate_gradcosine(model, inputs, targets, loss_fn, params, sub_batches, overlap,
-                                     mode, create_graph=True, backend=backend, distributed=distributed)
+                                     mode, create_graph=True, backend=backend, distributed=distributed,
+                                     segments=segments)
         gnorm = result.gnorm
         if "gamma" not in bound:  # gamma=None: the mean chunk norm on the first batch
             bound["gamma"] = gnorm.detach() if gamma is None else torch.as_tensor(gamma, device=gnorm.device)

@@ -3,7 +3,8 @@ the span of a ``with`` block (NIO's modes enter it; nothing in the model changes
 from __future__ import annotations
 
 import functools
-from typing import Callable
+import threading
+from typing import Callable, Optional
 
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -15,12 +16,32 @@ from . import multi_head_attention
 from .layer_norm import layer_norm
 
 
+_entered = threading.local()  # the routing modes this thread is inside, innermost last
+
+
+def active_routing() -> Optional[TorchFunctionMode]:
+    """The innermost routing mode this thread is inside, or None: what code that recomputes a
+    forward later (``nio_fast.samplewise.segments``) re-enters to run the same ops."""
+    stack = getattr(_entered, "stack", None)
+    return stack[-1] if stack else None
+
+
 class _RoutedCalls(TorchFunctionMode):
     """Every call of a function in ``routes`` inside runs its replacement (same arguments)."""
 
     def __init__(self, routes: dict[Callable, Callable]):
         super().__init__()
         self.routes = routes
+
+    def __enter__(self):
+        if not hasattr(_entered, "stack"):
+            _entered.stack = []
+        _entered.stack.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc_info):
+        _entered.stack.pop()
+        return super().__exit__(*exc_info)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -30,6 +30,7 @@ per-sample Gram, 1.4x that floor on a small ViT and 1.9x on a GroupNorm ResNet-1
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from ..algorithms.batching import call_model, num_samples, slice_rows
 from .blocked_gram import blockable, blocked_weight_gram, rows_fit_beside
 from .factors import chunk_sums, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
+from .segments import SegmentCall, Segments
 
 logger = logging.getLogger("nio_fast")
 
@@ -312,7 +314,8 @@ class _PartPlanner:
 
 def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
                     params: Sequence[torch.Tensor], create_graph: bool,
-                    chunks: Optional[Sequence[tuple[int, int]]] = None) -> SampleGram:
+                    chunks: Optional[Sequence[tuple[int, int]]] = None,
+                    segments: Sequence[torch.nn.Module] = ()) -> SampleGram:
     """The [N, N] per-sample Gram of ``model`` on one batch; see the module docstring.
 
     With ``chunks`` ((start, end) sample ranges, overlaps allowed), the [D, D] Gram of the chunk
@@ -323,10 +326,18 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     Grams are reduced as W^T G W (``ops.chunk_gram``). The caller has put the model in NIO's
     modes and checked it has no batch coupling (and, with chunks, that the loss of a chunk is
     its samples' mean).
+
+    ``segments``: submodules recomputed instead of kept (:mod:`.segments`): the same Gram and
+    gradients, with only their inputs and output gradients alive for the double backward.
     """
     num = num_samples(inputs)
+    dtype = accumulation_dtype(params)  # fp64 when any parameter is, as for ops.gram
+    weights = None if chunks is None else ops.ChunkWeighting.from_bounds(chunks, num, dtype, params[0].device)
     recorder = FactorRecorder(params, num)
-    with recorder:
+    gram_size = num if chunks is None else len(chunks)
+    segmented = Segments(segments, params, (gram_size, gram_size), dtype,
+                         functools.partial(_segment_gram_pass, params, num, dtype, chunks, weights))
+    with segmented.patched(), recorder:
         outputs = call_model(model, inputs)
     if chunks is None:
         losses = per_sample_losses(outputs, targets, loss_fn, num)
@@ -337,27 +348,28 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     if not total_loss.requires_grad:
         raise ValueError("loss_fn: the loss it returned does not depend on the selected parameters "
                          "(no gradient can flow); check params and the model")
-    dtype = accumulation_dtype(params)  # fp64 when any parameter is, as for ops.gram
 
     factored = [use for use in recorder.uses if any(i not in recorder.unfactored for i in use.roles.values())]
     seen = recorder.unfactored.keys() | {i for use in factored for i in use.roles.values()}
-    unseen = [i for i in range(len(params)) if i not in seen]
-    weights = None if chunks is None else ops.ChunkWeighting.from_bounds(chunks, num, dtype, params[0].device)
+    _check_segment_ownership(segmented, seen, params)
+    unseen = [i for i in range(len(params)) if i not in seen and i not in segmented.owner]
     planner = _PartPlanner(params, factored, recorder.unfactored, dtype, chunks, weights)
     # One backward: the output gradients of the recorded ops, and (nearly free alongside) whether
     # a parameter no recorded op used still reaches the loss, through an op the mode cannot see
     # (e.g. nn.GRU's fused C++ call): those take the autograd route. Each parameter's part is
     # formed inside it, as soon as its last use's output gradient is ready (a hook).
-    wanted = [use.output_edge for use in factored] + [params[i] for i in unseen]
-    with planner.listening(recorder):
+    wanted = [use.output_edge for use in factored] + [params[i] for i in unseen] + segmented.tokens
+    with planner.listening(recorder), segmented.gram_phase():
         grads = torch.autograd.grad(total_loss, wanted, create_graph=create_graph, retain_graph=True,
                                     allow_unused=True) if wanted else []
     unfactored = dict(recorder.unfactored)
-    for index, grad in zip(unseen, grads[len(factored):]):
+    for index, grad in zip(unseen, grads[len(factored):len(factored) + len(unseen)]):
         if grad is not None:
             unfactored[index] = "used by an op that bypasses torch-function dispatch (a fused C++ call)"
     planner.finish()  # parameters some of whose uses never got a gradient
     routes, parts = planner.routes, [planner.parts[index] for index in sorted(planner.parts)]
+    routes.update(segmented.routes())
+    parts += [part for part in grads[len(factored) + len(unseen):] if part is not None]
 
     reasons: dict[int, str] = {}
     if unfactored:
@@ -387,3 +399,53 @@ def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_gra
         rows.append(torch.cat([(g if g is not None else torch.zeros_like(t)).reshape(-1)
                                for g, t in zip(grads, tensors)]))
     return _vector_gram(torch.stack(rows), dtype, weights)
+
+
+def _check_segment_ownership(segmented: Segments, seen: set, params: Sequence[torch.Tensor]) -> None:
+    """A segment's parameters are used inside it only: their Gram is then the segment's part."""
+    for index in sorted(seen & segmented.owner.keys()):
+        raise ValueError(f"recompute: a parameter of shape {tuple(params[index].shape)} of "
+                         f"{type(segmented.owner[index]).__name__} is also used outside it; its per-sample Gram "
+                         f"needs all its uses at once (leave that module out of recompute)")
+
+
+def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dtype,
+                       chunks: Optional[Sequence[tuple[int, int]]], weights: Optional[ops.ChunkWeighting],
+                       call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor,
+                       create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dx, Gram part) of one segment: recompute it on ``x`` under a recorder, backpropagate
+    ``grad_output`` to its input and its recorded outputs, and form the parts of the parameters
+    it owns there, as the engine does for the whole model (with a graph when ``create_graph``)."""
+    recorder = FactorRecorder(params, num)
+    with call.as_in_forward(), torch.enable_grad():
+        # The values pass takes a leaf of its own: a backward reaching the model's x would fire the
+        # engine's hook on it (the output of the layer feeding this segment) with these values. The
+        # graph pass gets the leaves its caller differentiates by.
+        x_in = x if create_graph else x.detach().requires_grad_()
+        with recorder:
+            output = call.run(x_in)
+        owned = {index for index, p in enumerate(params) if any(p is q for q in call.params)}
+        used = recorder.unfactored.keys() | {index for use in recorder.uses for index in use.roles.values()}
+        for index in sorted(used - owned):
+            raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
+                             f"{tuple(params[index].shape)} that is not its own; its per-sample Gram needs all "
+                             f"its uses at once (leave that module out of recompute)")
+        unfactored = {index: reason for index, reason in recorder.unfactored.items() if index in owned}
+        if unfactored:
+            index, reason = next(iter(unfactored.items()))
+            raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
+                             f"{tuple(params[index].shape)} in a way no factor rule covers ({reason}); "
+                             f"leave that module out of recompute")
+        factored = [use for use in recorder.uses if any(i in owned for i in use.roles.values())]
+        planner = _PartPlanner(params, factored, {}, dtype, chunks, weights)
+        wanted = [use.output_edge for use in factored] + [x_in]
+        with planner.listening(recorder):
+            grads = torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph, allow_unused=True)
+        planner.finish()
+    if not call.routes:
+        call.routes.update(planner.routes)
+    parts = [planner.parts[index] for index in sorted(planner.parts)]
+    shape = (num, num) if chunks is None else (len(chunks), len(chunks))
+    part = torch.stack(parts).sum(0) if parts else torch.zeros(shape, dtype=dtype, device=x.device)
+    grad_x = grads[-1] if grads[-1] is not None else torch.zeros_like(x)
+    return grad_x, part

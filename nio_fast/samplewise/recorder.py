@@ -124,6 +124,8 @@ class FactorRecorder(TorchFunctionMode):
     # -- the mode ---------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not torch.is_grad_enabled():  # no gradient flows from here (a recomputed segment's first run)
+            return func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             return self._attention(func, args, kwargs)
         touched = [index for index in map(self._selected, tree_flatten((args, kwargs))[0]) if index is not None]

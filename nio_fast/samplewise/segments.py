@@ -1,0 +1,260 @@
+"""Recomputed segments: the sample-wise Gram with only segment boundaries kept for its gradient.
+
+Differentiating the Gram keeps the forward's activations, the backward's output gradients and
+the layer factors alive until the double backward reaches them: 2.3x a training step's
+allocator peak on a GroupNorm ResNet-18 and on a small ViT (benchmarks/results/samplewise.md),
+whatever the Gram route. A *segment* is a submodule (a residual block, a transformer layer)
+whose inside is recomputed instead of kept, twice over:
+
+- forward: the segment runs without a graph; its input ``x`` is kept;
+- the engine's backward (with graph): the segment's backward node recomputes the segment,
+  takes its input gradient and the Gram parts of its parameters (values), and keeps only
+  ``x`` and the output gradient ``g`` (:class:`_SegmentBackward`);
+- the double backward: that node recomputes the segment, its backward and its Gram parts with
+  a graph, and differentiates them at once (one segment's graph alive at a time); the forward
+  node, reached later through the activations, recomputes the segment's plain backward.
+
+The Gram parts leave a segment as the *gradient of a token*: a zero [N, N] (or [D, D]) tensor
+the segment's forward takes as an input, whose gradient the backward node returns as the
+segment's part. The engine asks its backward for the tokens' gradients beside the recorded
+outputs' and adds them to the Gram, so the parts are in the graph like any other.
+
+Cost: each segment's forward runs three times and its backward twice; the Gram parts of its
+parameters are formed twice. The parameters of a segment must be used inside it only, once per
+forward (the Gram of a tied weight is not a sum over segments), each by an op with a factor rule.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.autograd import Function
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..ops.fused_calls import active_routing
+
+GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+"""(call, x, g, create_graph) -> (dL/dx, the segment's Gram parts): recompute the segment on ``x``,
+backpropagate ``g`` through it, form its parameters' parts (the engine's rules)."""
+
+
+@dataclass
+class SegmentCall:
+    """One call of a segment module in the forward, with what recomputing it needs."""
+
+    module: nn.Module
+    forward: Callable[..., Any]
+    """The module's own forward (not the patched one)."""
+    args: tuple
+    kwargs: dict
+    params: tuple[torch.Tensor, ...]
+    """The selected parameters the segment owns, in the engine's order."""
+    phase: "SegmentPhase"
+    training: list[tuple[nn.Module, bool]]
+    routing: Any
+    """The routing mode (``ops.fused_calls``) active at the forward, re-entered to recompute."""
+    routes: dict[int, str] = field(default_factory=dict)
+    """Parameter index -> Gram route, from the first Gram pass."""
+
+    @contextlib.contextmanager
+    def as_in_forward(self) -> Iterator[None]:
+        """The modes of the forward: module flags, routed calls, the math attention backend."""
+        now = [(module, module.training) for module, _ in self.training]
+        try:
+            for module, training in self.training:
+                module.training = training
+            with sdpa_kernel(SDPBackend.MATH), (self.routing or contextlib.nullcontext()):
+                yield
+        finally:
+            for module, training in now:
+                module.training = training
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.forward(x, *self.args, **self.kwargs)
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            raise TypeError(f"recompute: {type(self.module).__name__} returned {type(output).__name__}; "
+                            f"a recomputed segment must return one floating-point tensor")
+        return output
+
+    def input_gradient(self, x: torch.Tensor, grad_output: torch.Tensor, create_graph: bool
+                       ) -> tuple[Optional[torch.Tensor], ...]:
+        """(dL/dx, dL/d(params)...) of the segment alone: its plain backward, recomputed."""
+        with self.as_in_forward(), torch.enable_grad():
+            leaf = x.detach().requires_grad_()
+            output = self.run(leaf)
+            return torch.autograd.grad(output, (leaf, *self.params), grad_output, create_graph=create_graph,
+                                       allow_unused=True)
+
+
+@dataclass
+class SegmentPhase:
+    """Whether the engine's own backward (the one forming the Gram) is running."""
+
+    gram: bool = False
+    gram_pass: Optional[GramPass] = None
+
+
+class _Segment(Function):
+    """y = segment(x), keeping x only. Its gradient for the token is the segment's Gram part
+    during the engine's backward; any other backward gets the segment's recomputed VJP."""
+
+    @staticmethod
+    def forward(ctx, call: SegmentCall, token: torch.Tensor, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        ctx.call = call
+        ctx.save_for_backward(x)
+        with call.as_in_forward(), torch.no_grad():
+            output = call.run(x)
+        return output.clone() if output is x else output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        call, (x,) = ctx.call, ctx.saved_tensors
+        if call.phase.gram:
+            if torch.is_grad_enabled():  # a backward with graph: the double backward recomputes it again
+                grad_x, part = _SegmentBackward.apply(call, x, grad_output, *call.params)
+            else:
+                grad_x, part = call.phase.gram_pass(call, x, grad_output, False)
+            return (None, part, grad_x) + (None,) * len(call.params)
+        grad_x, *grad_params = call.input_gradient(x, grad_output, torch.is_grad_enabled())
+        return (None, None, grad_x, *grad_params)
+
+
+class _SegmentBackward(Function):
+    """(dL/dx, Gram part) of a segment from x and its output gradient g, keeping those two only;
+    the backward recomputes the segment, its backward and its parts with a graph."""
+
+    @staticmethod
+    def forward(ctx, call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor, *params: torch.Tensor):
+        ctx.call = call
+        ctx.save_for_backward(x, grad_output)
+        grad_x, part = call.phase.gram_pass(call, x, grad_output, False)
+        return grad_x, part
+
+    @staticmethod
+    def backward(ctx, cot_grad_x: Optional[torch.Tensor], cot_part: Optional[torch.Tensor]):
+        call, (x, grad_output) = ctx.call, ctx.saved_tensors
+        with torch.enable_grad():
+            x_leaf, grad_leaf = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
+            grad_x, part = call.phase.gram_pass(call, x_leaf, grad_leaf, True)
+            pairs = [(out, cot) for out, cot in ((grad_x, cot_grad_x), (part, cot_part))
+                     if cot is not None and out.requires_grad]
+            if not pairs:
+                return (None,) * (3 + len(call.params))
+            outputs, cotangents = zip(*pairs)
+            grads = torch.autograd.grad(outputs, (x_leaf, grad_leaf, *call.params), cotangents,
+                                        allow_unused=True)
+        return (None, *grads)
+
+
+class Segments:
+    """The segment modules of one evaluation: patches their forwards while the model runs, makes
+    one token per call, and says which parameters they own."""
+
+    def __init__(self, modules: Sequence[nn.Module], params: Sequence[torch.Tensor], gram_shape: tuple[int, int],
+                 dtype: torch.dtype, gram_pass: GramPass) -> None:
+        self.modules = list(modules)
+        self.phase = SegmentPhase(gram_pass=gram_pass)
+        self.gram_shape, self.dtype = gram_shape, dtype
+        position = {id(p): index for index, p in enumerate(params)}
+        self.owner: dict[int, nn.Module] = {}  # parameter index -> the segment module holding it
+        for module in self.modules:
+            for param in module.parameters():
+                index = position.get(id(param))
+                if index is not None and params[index].requires_grad:
+                    self.owner[index] = module
+        self.params = params
+        self.calls: list[SegmentCall] = []
+        self.tokens: list[torch.Tensor] = []
+
+    def _call(self, module: nn.Module, forward: Callable[..., Any], x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"recompute: {type(module).__name__} was called with {type(x).__name__} first; a "
+                            f"recomputed segment takes a floating-point tensor as its first argument")
+        constants = [value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)]
+        if any(value.requires_grad for value in constants):
+            raise ValueError(f"recompute: {type(module).__name__} takes a second tensor that requires grad; a "
+                             f"recomputed segment differentiates its first argument only")
+        if any(call.module is module for call in self.calls):
+            raise ValueError(f"recompute: {type(module).__name__} runs twice in one forward; its weights' "
+                             f"per-sample Gram would need both uses at once (leave it out of recompute)")
+        indices = sorted(index for index, owner in self.owner.items() if owner is module)
+        call = SegmentCall(module, forward, args, kwargs, tuple(self.params[i] for i in indices), self.phase,
+                           [(m, m.training) for m in module.modules()], active_routing())
+        token = torch.zeros(self.gram_shape, dtype=self.dtype, device=x.device, requires_grad=True)
+        self.calls.append(call)
+        self.tokens.append(token)
+        return _Segment.apply(call, token, x, *call.params)
+
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[None]:
+        """Inside, calling a segment module runs it as a :class:`_Segment`."""
+        saved = [(module, module.__dict__.get("forward")) for module in self.modules]
+        try:
+            for module in self.modules:
+                module.forward = functools.partial(self._call, module, module.forward)
+            yield
+        finally:
+            for module, forward in saved:
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+
+    @contextlib.contextmanager
+    def gram_phase(self) -> Iterator[None]:
+        """The span of the engine's backward: segment nodes return their Gram parts."""
+        self.phase.gram = True
+        try:
+            yield
+        finally:
+            self.phase.gram = False
+
+    def routes(self) -> dict[int, str]:
+        return {index: route for call in self.calls for index, route in call.routes.items()}
+
+
+def resolve_segments(model: nn.Module, recompute: Any) -> list[nn.Module]:
+    """``recompute`` (None, a module, a module class, or an iterable of those) as the list of
+    segment modules of ``model``: a class stands for its outermost instances in the model."""
+    if recompute is None:
+        return []
+    items = list(recompute) if isinstance(recompute, (list, tuple, set, frozenset)) else [recompute]
+    inside = {id(m) for m in model.modules()}
+    chosen: list[nn.Module] = []
+    for item in items:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            found = _outermost(model, item)
+            if not found:
+                raise ValueError(f"recompute: the model has no {item.__name__}")
+            chosen += found
+        elif isinstance(item, nn.Module):
+            if id(item) not in inside:
+                raise ValueError(f"recompute: {type(item).__name__} is not a submodule of the model")
+            chosen.append(item)
+        else:
+            raise TypeError(f"recompute: expected modules or module classes, got {type(item).__name__}")
+    unique = list({id(m): m for m in chosen}.values())
+    for module in unique:
+        for other in unique:
+            if other is not module and any(sub is module for sub in other.modules()):
+                raise ValueError(f"recompute: {type(module).__name__} lies inside another recomputed "
+                                 f"{type(other).__name__}; segments cannot nest")
+    return unique
+
+
+def _outermost(model: nn.Module, kind: type) -> list[nn.Module]:
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        if isinstance(module, kind):
+            found.append(module)
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return found

@@ -1,0 +1,214 @@
+"""Recomputed segments (``recompute=``): the same sample-wise GradCosine and gradients as the
+engine that keeps everything, with only the segments' inputs and output gradients kept."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nio_fast
+from models import GroupNormBlock, batch_for, make_model
+from samplewise_models import MatmulLayer, make_zoo_model, zoo_batch
+from samplewise_checks import assert_near, check_against_reference, trainable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from harness import allocated_peak_mb  # noqa: E402  (the allocator's peak, torch.profiler's memory events)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(self.norm(x))))
+
+
+class Chain(nn.Module):
+    """A Linear whose output feeds the first segment directly (its gradient is one the engine
+    hooks), residual blocks, a head."""
+
+    def __init__(self, features: int = 6, width: int = 8, depth: int = 3, classes: int = 5):
+        super().__init__()
+        self.inp = nn.Linear(features, width)
+        self.blocks = nn.Sequential(*(ResidualBlock(width) for _ in range(depth)))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.inp(x)).mean(1))
+
+
+def chain(dtype, seed=0, num=7, positions=4, **sizes):
+    torch.manual_seed(seed)
+    return Chain(**sizes).to(dtype), (torch.randn(num, positions, sizes.get("features", 6), dtype=dtype),
+                                       torch.randint(0, 5, (num,)))
+
+
+CASES = {  # name: (model and batch, what to recompute)
+    "chain": (chain, lambda model: ResidualBlock),
+    "chain_one_block": (chain, lambda model: [model.blocks[1]]),
+    "gn_resnet": (lambda dtype: (make_model("gn_resnet", dtype), batch_for("gn_resnet", 7, dtype)),
+                  lambda model: GroupNormBlock),
+    "transformer": (lambda dtype: (make_model("transformer", dtype), batch_for("transformer", 7, dtype)),
+                    lambda model: nn.TransformerEncoderLayer),
+    "token_transformer": (lambda dtype: (make_zoo_model("token_transformer", dtype),
+                                         zoo_batch("token_transformer", 7, dtype)),
+                          lambda model: [model.encoder]),
+    "conv_zoo": (lambda dtype: (make_zoo_model("conv_zoo", dtype), zoo_batch("conv_zoo", 7, dtype)),
+                 lambda model: [model.same, model.line]),
+}
+
+
+def evaluate(model, batch, **kwargs):
+    _, params = trainable(model)
+    result = nio_fast.gradcosine(model, batch, create_graph=True, **kwargs)
+    return result, torch.autograd.grad(result.value, params, allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_recomputed_segments_equal_the_per_sample_reference(name, dtype, rtol):
+    build, segments = CASES[name]
+    model, batch = build(dtype)
+    result = check_against_reference(model, batch, rtol, sub_batches="samples", recompute=segments(model))
+    kept = nio_fast.gradcosine(model, batch, sub_batches="samples")
+    assert result.routes == kept.routes  # every parameter, inside segments too, says its route
+    assert all("forward" not in module.__dict__ for module in model.modules())  # forwards restored
+
+
+@pytest.mark.parametrize("sub_batches,overlap", [(3, 0.0), (3, 0.4)])
+@pytest.mark.parametrize("name", ["chain", "gn_resnet"])
+def test_recomputed_segments_give_sub_batch_grams_in_factors_mode(name, sub_batches, overlap):
+    build, segments = CASES[name]
+    model, batch = build(torch.float64)
+    check_against_reference(model, batch, 1e-10, sub_batches=sub_batches, overlap=overlap, mode="factors",
+                            recompute=segments(model))
+
+
+@pytest.mark.parametrize("name", ["chain", "transformer"])
+def test_recomputed_segments_equal_the_kept_graph_exactly_enough(name):
+    """Against the engine without segments (not a reference): the same ops in another order."""
+    build, segments = CASES[name]
+    model, batch = build(torch.float64)
+    kept, kept_grads = evaluate(model, batch, sub_batches="samples")
+    recomputed, grads = evaluate(model, batch, sub_batches="samples", recompute=segments(model))
+    assert_near(recomputed.gram, kept.gram, 1e-12, "Gram")
+    for mine, theirs in zip(grads, kept_grads):
+        assert_near(mine, theirs, 1e-12, "gradient")
+    value = nio_fast.gradcosine(model, batch, sub_batches="samples", recompute=segments(model))
+    assert not value.value.requires_grad and abs(float(value.value) - float(kept.value)) < 1e-12
+
+
+def test_initialize_with_recompute_applies_the_same_scales():
+    runs = []
+    for recompute in (None, ResidualBlock):
+        model, batch = chain(torch.float64)
+        report = nio_fast.initialize(model, batch, iters=3, sub_batches="samples", progress=False,
+                                     recompute=recompute)
+        runs.append((report, [p.detach().clone() for p in model.parameters()]))
+    (plain, plain_params), (recomputed, recomputed_params) = runs
+    assert recomputed.settings["recompute"] == 3 and "recompute" not in plain.settings
+    for mine, theirs in zip(recomputed_params, plain_params):
+        assert_near(mine, theirs, 1e-10, "scaled parameter")
+
+
+def test_recompute_keeps_a_fraction_of_the_memory():
+    """Eight blocks over many positions: the kept engine holds every block's activations and
+    output gradients for the double backward, the recomputing one a block's at a time."""
+    model, batch = chain(torch.float32, seed=1, num=16, positions=256, features=16, width=32, depth=8)
+    _, params = trainable(model)
+
+    def evaluation(recompute):
+        result = nio_fast.gradcosine(model, batch, sub_batches="samples", create_graph=True, recompute=recompute)
+        torch.autograd.grad(result.value, params)
+
+    evaluation(None)  # lazy imports and first-call choices
+    kept, recomputed = allocated_peak_mb(lambda: evaluation(None)), allocated_peak_mb(lambda: evaluation(ResidualBlock))
+    assert recomputed < 0.5 * kept, f"recomputed peak {recomputed:.1f} MB against {kept:.1f} MB kept"
+
+
+class SharesWithTheHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x))) + F.linear(x, self.block.weight)
+
+
+class UsesAForeignWeight(nn.Module):
+    def __init__(self, other: nn.Linear):
+        super().__init__()
+        self.other = [other]  # not a submodule: the weight belongs to the model, not to this segment
+        self.own = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.own(x) + F.linear(x, self.other[0].weight)
+
+
+class ForeignUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(5, 5)
+        self.segment = UsesAForeignWeight(self.head)
+
+    def forward(self, x):
+        return self.head(self.segment(x))
+
+
+class Unknown(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = MatmulLayer(5, 5)
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.layer(x)))
+
+
+class TwiceCalled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.block(torch.tanh(self.block(x)))
+
+
+def small_batch():
+    return torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 5, (6,))
+
+
+@pytest.mark.parametrize("build,recompute,error,message", [
+    (SharesWithTheHead, lambda m: [m.block], ValueError, "also used outside it"),
+    (ForeignUser, lambda m: [m.segment], ValueError, "not its own"),
+    (Unknown, lambda m: [m.layer], ValueError, "no factor rule"),
+    (TwiceCalled, lambda m: [m.block], ValueError, "runs twice"),
+    (TwiceCalled, lambda m: [nn.Linear(5, 5)], ValueError, "not a submodule"),
+    (Chain, lambda m: [m.blocks, m.blocks[0]], ValueError, "cannot nest"),
+    (Chain, lambda m: nn.Conv2d, ValueError, "has no Conv2d"),
+    (Chain, lambda m: 3, TypeError, "expected modules or module classes"),
+])
+def test_unsupported_segments_are_refused_by_name(build, recompute, error, message):
+    model = build().double()
+    batch = small_batch() if build is not Chain else chain(torch.float64)[1]
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(error, match="recompute: .*" + message):
+        evaluate(model, batch, sub_batches="samples", recompute=recompute(model))
+    with pytest.raises(error, match="recompute: .*" + message):
+        nio_fast.initialize(model, batch, iters=1, sub_batches="samples", progress=False, recompute=recompute(model))
+    assert all("forward" not in module.__dict__ for module in model.modules())
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_recompute_needs_the_factors_mode():
+    model, batch = chain(torch.float64)
+    with pytest.raises(ValueError, match="recompute: segments are recomputed by the factors mode only"):
+        nio_fast.gradcosine(model, batch, sub_batches=2, mode="per_chunk", recompute=ResidualBlock)
+    with pytest.raises(ValueError, match="recompute: applies to method='nio' only"):
+        nio_fast.initialize(model, batch, method="gradinit", iters=1, progress=False, recompute=ResidualBlock)
