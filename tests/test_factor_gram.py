@@ -276,3 +276,21 @@ def test_embedding_gram_rejects_bad_inputs():
         ops.embedding_gram(indices, b[:, :2])
     with pytest.raises(ValueError, match="^padding_idx"):
         ops.embedding_gram(indices, b, padding_idx=-1)
+
+
+@pytest.mark.parametrize("route", ["ghost", "materialize"])
+def test_skipped_values_keep_the_backward(route):
+    """Under gram_values_unused the Gram is zeros and its backward the same (a caller that only
+    differentiates a Gram whose value it formed before)."""
+    torch.manual_seed(3)
+    a = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 3, 2, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(5, 5, dtype=torch.float64)
+    expected = torch.autograd.grad((ops.outer_gram(a, b, route=route) * weights).sum(), (a, b))
+    with ops.gram_values_unused():
+        assert ops.gram_values_wanted() is False
+        skipped = ops.outer_gram(a, b, route=route)
+    assert ops.gram_values_wanted() is True
+    assert torch.equal(skipped, torch.zeros_like(skipped))
+    for mine, theirs in zip(torch.autograd.grad((skipped * weights).sum(), (a, b)), expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-12, atol=1e-12)

@@ -35,8 +35,10 @@ always runs on torch (cuBLAS / BLAS).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import threading
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional
@@ -48,6 +50,26 @@ from .. import availability
 
 _BLOCK_BYTES = 32 * 2 ** 20
 """Budget for one temporary (bytes). Read at call time; monkeypatch it to force splitting."""
+
+_values = threading.local()
+
+
+@contextlib.contextmanager
+def gram_values_unused():
+    """Inside (this thread), the factor-Gram Functions build their graphs but skip computing their
+    values, returning zeros: for a caller that only differentiates them and has formed the values
+    before (``nio_fast.samplewise.segments``: a recomputed segment's double backward)."""
+    previous = getattr(_values, "unused", False)
+    _values.unused = True
+    try:
+        yield
+    finally:
+        _values.unused = previous
+
+
+def gram_values_wanted() -> bool:
+    return not getattr(_values, "unused", False)
+
 
 ROUTES = ("auto", "ghost", "materialize")
 BACKENDS = ("auto", "triton", "torch")
@@ -302,6 +324,9 @@ class _OuterGram(torch.autograd.Function):
                 backend: str = "torch") -> torch.Tensor:
         ctx.save_for_backward(inputs, output_grads)
         ctx.route, ctx.budget, ctx.backend = route, budget, backend
+        if not gram_values_wanted():
+            num = inputs.shape[0]
+            return inputs.new_zeros((num, num), dtype=_accumulation_dtype(inputs.dtype))
         if route == "ghost" and backend == "triton":
             return _ghost_kernels().ghost_gram_forward(inputs, output_grads)
         if route == "ghost":

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..ops import gram_values_wanted
 from .factors import weight_rows
 from .recorder import CONV, LINEAR, LayerUse
 
@@ -68,8 +69,8 @@ class _BlockedGram(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows_of_block: RowsOfBlock, blocks: list[tuple[int, int]], slice_axes: tuple[Optional[int], ...],
-                keep: bool, *tensors: torch.Tensor) -> torch.Tensor:
-        needs = ctx.needs_input_grad[4:]
+                keep: bool, gram_like: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
+        needs = ctx.needs_input_grad[5:]
         ctx.kept = None
         if keep:
             leaves = [t.detach().requires_grad_(need) for t, need in zip(tensors, needs)]
@@ -77,20 +78,22 @@ class _BlockedGram(torch.autograd.Function):
                 kept_rows = [rows_of_block(_narrowed(leaves, slice_axes, start, end), end - start)
                              for start, end in blocks]
             ctx.kept = (leaves, kept_rows)
+        ctx.rows_of_block, ctx.blocks, ctx.slice_axes = rows_of_block, blocks, slice_axes
+        ctx.save_for_backward(*tensors)
+        if not gram_values_wanted():  # only the backward will be used (ops.gram_values_unused)
+            return torch.zeros_like(gram_like)
         gram = None
         for index, (start, end) in enumerate(blocks):
             rows = ctx.kept[1][index].detach() if keep else \
                 rows_of_block(_narrowed(tensors, slice_axes, start, end), end - start)
             gram = rows @ rows.T if gram is None else gram.addmm_(rows, rows.T)
-        ctx.rows_of_block, ctx.blocks, ctx.slice_axes = rows_of_block, blocks, slice_axes
-        ctx.save_for_backward(*tensors)
         return gram
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_gram: torch.Tensor):
         tensors = ctx.saved_tensors
-        needs = ctx.needs_input_grad[4:]
+        needs = ctx.needs_input_grad[5:]
         symmetric = grad_gram + grad_gram.T
         wanted = [i for i, need in enumerate(needs) if need]
         if ctx.kept is not None:
@@ -101,7 +104,7 @@ class _BlockedGram(torch.autograd.Function):
             grads: list[Optional[torch.Tensor]] = [None] * len(tensors)
             for i, part in zip(wanted, parts):
                 grads[i] = part
-            return (None, None, None, None, *grads)
+            return (None, None, None, None, None, *grads)
         shared = [t.detach().requires_grad_(need) if axis is None else None
                   for t, axis, need in zip(tensors, ctx.slice_axes, needs)]
         # the blocks tile the sliced axis: every entry of a sliced gradient is written below
@@ -121,7 +124,7 @@ class _BlockedGram(torch.autograd.Function):
                     grads[i].narrow(axis, start, end - start).copy_(0 if part is None else part)
                 elif part is not None:
                     grads[i] = part if grads[i] is None else grads[i].add_(part)
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def _narrowed(tensors: Sequence[torch.Tensor], slice_axes: Sequence[Optional[int]], start: int,
@@ -130,12 +133,13 @@ def _narrowed(tensors: Sequence[torch.Tensor], slice_axes: Sequence[Optional[int
 
 
 def blocked_weight_gram(entries: Sequence[tuple[LayerUse, torch.Tensor]], weight_shape: Sequence[int],
-                        dtype: torch.dtype, finish_rows: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+                        dtype: torch.dtype, finish_rows: Callable[[torch.Tensor], torch.Tensor],
+                        gram_size: int) -> torch.Tensor:
     """The Gram of a weight's per-sample gradients, summed over its uses ((use, output gradient)
     pairs, every one ``blockable``), a block of output channels at a time.
 
-    ``finish_rows`` maps a block's per-sample rows [N, k] (in ``dtype``) to the rows whose Gram
-    is wanted: themselves, or the chunk gradients W^T V of sub-batch NIO.
+    ``finish_rows`` maps a block's per-sample rows [N, k] (in ``dtype``) to the ``gram_size``
+    rows whose Gram is wanted: themselves, or the chunk gradients W^T V of sub-batch NIO.
 
     Rows no bigger than the output gradients a training step holds anyway (early convolutions:
     N x 37k values against N x 66k at N = 64 on ResNet-18) are kept for the backward instead of
@@ -162,4 +166,5 @@ def blocked_weight_gram(entries: Sequence[tuple[LayerUse, torch.Tensor]], weight
     for use, grad in entries:
         tensors += [use.inputs, grad]
         slice_axes += [None, output_channel_axis(use, grad)]
-    return _BlockedGram.apply(rows_of_block, blocks, tuple(slice_axes), keep, *tensors)
+    gram_like = torch.empty((gram_size, gram_size), dtype=dtype, device=entries[0][1].device)
+    return _BlockedGram.apply(rows_of_block, blocks, tuple(slice_axes), keep, gram_like, *tensors)

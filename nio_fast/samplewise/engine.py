@@ -237,7 +237,8 @@ def _vectors_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype,
                   weights: Optional[ops.ChunkWeighting]) -> torch.Tensor:
     if uses.blockable():  # linear / convolution weights: rows formed a block of channels at a time
         finish = (lambda rows: rows) if weights is None else (lambda rows: ops.chunk_sums(rows, weights))
-        return blocked_weight_gram([(use, grad) for use, _, grad in uses.entries], param.shape, dtype, finish)
+        size = uses.num_samples if weights is None else weights.num_chunks
+        return blocked_weight_gram([(use, grad) for use, _, grad in uses.entries], param.shape, dtype, finish, size)
     return _gram_of_summed_rows(uses, lambda use, role, grad: per_sample_vectors(use, role, grad, param),
                                 lambda total: _vector_gram(total, dtype, weights), uses.num_samples, param.numel())
 
@@ -439,9 +440,12 @@ def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dt
         factored = [use for use in recorder.uses if any(i in owned for i in use.roles.values())]
         planner = _PartPlanner(params, factored, {}, dtype, chunks, weights)
         wanted = [use.output_edge for use in factored] + [x_in]
-        with planner.listening(recorder):
+        # The graph pass differentiates the parts, whose values the values pass formed: the
+        # factor-Gram Functions skip them there (ops.gram_values_unused).
+        skipped = ops.gram_values_unused() if create_graph else contextlib.nullcontext()
+        with planner.listening(recorder), skipped:
             grads = torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph, allow_unused=True)
-        planner.finish()
+            planner.finish()
     if not call.routes:
         call.routes.update(planner.routes)
     parts = [planner.parts[index] for index in sorted(planner.parts)]
