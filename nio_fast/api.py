@@ -108,9 +108,12 @@ def _check_sampling(sub_batches: Any, overlap: Any, mode: Any, group: Any = None
              "mode: 'exact_recompute' is not supported in distributed runs yet (use 'exact')")
 
 
-def _check_recompute(model: nn.Module, recompute: Any, group: Any) -> list[nn.Module]:
+def _check_recompute(model: nn.Module, recompute: Any, sub_batches: Any, mode: Any, group: Any) -> list[nn.Module]:
     segments = resolve_segments(model, recompute)
     _require(not segments or group is None, "recompute: not supported in distributed runs yet")
+    _require(not segments or sub_batches == SAMPLES or mode == "factors",
+             f"recompute: segments are recomputed by the factors mode only (sub_batches='samples' or "
+             f"mode='factors'); got sub_batches={sub_batches!r}, mode={mode!r}")
     return segments
 
 
@@ -186,7 +189,7 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
         names, tensors = select_parameters(model, params)
         _check_sampling(sub_batches, overlap, mode, group)
         _check_backend(backend)
-        segments = _check_recompute(model, recompute, group)
+        segments = _check_recompute(model, recompute, sub_batches, mode, group)
         distributed.check_chunking(group, sub_batches, overlap)
         inputs, targets = to_device(unpack_batch(batch), tensors[0].device)
         notes.batch_size(_check_local_batch_size(inputs, group, sub_batches, "batch"))
@@ -259,8 +262,8 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
                 model, params, method=method, iters=iters, sub_batches=sub_batches, overlap=overlap, gamma=gamma,
                 lr=lr, min_scale=min_scale, grad_clip=grad_clip, objective=objective, mu=mu, mode=mode, seed=seed,
                 inner=inner, eta=eta, backend=backend, loss_fn=loss_fn, group=group)
-            segments = _check_recompute(model, recompute, group)
-            _require(not segments or method == "nio", "recompute: applies to method='nio' only")
+            _require(recompute is None or method == "nio", "recompute: applies to method='nio' only")
+            segments = _check_recompute(model, recompute, sub_batches, mode, group)
             if segments:
                 settings["recompute"] = len(segments)
             notes.settings(settings, names, tensors)

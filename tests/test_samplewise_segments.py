@@ -131,6 +131,47 @@ def test_recompute_keeps_a_fraction_of_the_memory():
     assert recomputed < 0.5 * kept, f"recomputed peak {recomputed:.1f} MB against {kept:.1f} MB kept"
 
 
+class NoisyBlock(ResidualBlock):
+    """Multiplicative noise drawn in the forward, whatever the module's mode."""
+
+    def forward(self, x):
+        return super().forward(x) * (1 + 0.1 * torch.randn_like(x))
+
+
+def test_a_segment_drawing_random_numbers_draws_the_same_ones_when_recomputed():
+    model, batch = chain(torch.float64)
+    model.blocks[1] = NoisyBlock(8).double()
+    results = []
+    for recompute in (None, NoisyBlock):
+        torch.manual_seed(5)
+        results.append(evaluate(model, batch, sub_batches="samples", recompute=recompute))
+        results[-1] += (torch.rand(()),)  # the generator is left where one forward leaves it
+    (kept, kept_grads, after_kept), (recomputed, grads, after_recomputed) = results
+    assert_near(recomputed.gram, kept.gram, 1e-12, "Gram")
+    for mine, theirs in zip(grads, kept_grads):
+        assert_near(mine, theirs, 1e-12, "gradient")
+    assert torch.equal(after_kept, after_recomputed)
+
+
+class ReturnsATuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.block(x), x
+
+
+class TupleUser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pair = ReturnsATuple()
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.head(self.pair(x)[0])
+
+
 class SharesWithTheHead(nn.Module):
     def __init__(self):
         super().__init__()
@@ -189,6 +230,7 @@ def small_batch():
     (ForeignUser, lambda m: [m.segment], ValueError, "not its own"),
     (Unknown, lambda m: [m.layer], ValueError, "no factor rule"),
     (TwiceCalled, lambda m: [m.block], ValueError, "runs twice"),
+    (TupleUser, lambda m: [m.pair], TypeError, "must return one floating-point tensor"),
     (TwiceCalled, lambda m: [nn.Linear(5, 5)], ValueError, "not a submodule"),
     (Chain, lambda m: [m.blocks, m.blocks[0]], ValueError, "cannot nest"),
     (Chain, lambda m: nn.Conv2d, ValueError, "has no Conv2d"),
@@ -208,7 +250,10 @@ def test_unsupported_segments_are_refused_by_name(build, recompute, error, messa
 
 def test_recompute_needs_the_factors_mode():
     model, batch = chain(torch.float64)
-    with pytest.raises(ValueError, match="recompute: segments are recomputed by the factors mode only"):
+    with pytest.raises(ValueError, match="recompute: segments are recomputed by the factors mode only.*per_chunk"):
         nio_fast.gradcosine(model, batch, sub_batches=2, mode="per_chunk", recompute=ResidualBlock)
+    coupled = make_model("bn_cnn")  # BatchNorm: "samples" runs the exact whole-batch mode
+    with pytest.raises(ValueError, match="recompute: .*this evaluation runs 'exact'"):
+        nio_fast.gradcosine(coupled, batch_for("bn_cnn", 4), sub_batches="samples", recompute=[coupled.head])
     with pytest.raises(ValueError, match="recompute: applies to method='nio' only"):
         nio_fast.initialize(model, batch, method="gradinit", iters=1, progress=False, recompute=ResidualBlock)

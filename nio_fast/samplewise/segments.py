@@ -57,17 +57,27 @@ class SegmentCall:
     training: list[tuple[nn.Module, bool]]
     routing: Any
     """The routing mode (``ops.fused_calls``) active at the forward, re-entered to recompute."""
+    rng: tuple[torch.Tensor, list[int], list[torch.Tensor]]
+    """The CPU generator's state and the CUDA devices' states at the forward: a segment drawing
+    random numbers (noise, dropout left on) draws the same ones every time it is recomputed."""
     routes: dict[int, str] = field(default_factory=dict)
     """Parameter index -> Gram route, from the first Gram pass."""
 
     @contextlib.contextmanager
-    def as_in_forward(self) -> Iterator[None]:
-        """The modes of the forward: module flags, routed calls, the math attention backend."""
+    def as_in_forward(self, recomputing: bool = True) -> Iterator[None]:
+        """The modes of the forward: module flags, routed calls, the math attention backend, and
+        when ``recomputing``, the random generators as they were (and are again after)."""
         now = [(module, module.training) for module, _ in self.training]
+        cpu_state, devices, device_states = self.rng
         try:
             for module, training in self.training:
                 module.training = training
-            with sdpa_kernel(SDPBackend.MATH), (self.routing or contextlib.nullcontext()):
+            with torch.random.fork_rng(devices=devices, enabled=recomputing), sdpa_kernel(SDPBackend.MATH), \
+                    (self.routing or contextlib.nullcontext()):
+                if recomputing:
+                    torch.set_rng_state(cpu_state)
+                    for device, state in zip(devices, device_states):
+                        torch.cuda.set_rng_state(state, device)
                 yield
         finally:
             for module, training in now:
@@ -106,7 +116,7 @@ class _Segment(Function):
     def forward(ctx, call: SegmentCall, token: torch.Tensor, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.call = call
         ctx.save_for_backward(x)
-        with call.as_in_forward(), torch.no_grad():
+        with call.as_in_forward(recomputing=False), torch.no_grad():
             output = call.run(x)
         return output.clone() if output is x else output
 
@@ -183,7 +193,7 @@ class Segments:
                              f"per-sample Gram would need both uses at once (leave it out of recompute)")
         indices = sorted(index for index, owner in self.owner.items() if owner is module)
         call = SegmentCall(module, forward, args, kwargs, tuple(self.params[i] for i in indices), self.phase,
-                           [(m, m.training) for m in module.modules()], active_routing())
+                           [(m, m.training) for m in module.modules()], active_routing(), _rng_state(x))
         token = torch.zeros(self.gram_shape, dtype=self.dtype, device=x.device, requires_grad=True)
         self.calls.append(call)
         self.tokens.append(token)
@@ -215,6 +225,12 @@ class Segments:
 
     def routes(self) -> dict[int, str]:
         return {index: route for call in self.calls for index, route in call.routes.items()}
+
+
+def _rng_state(x: torch.Tensor) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+    devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] \
+        if x.device.type == "cuda" else []
+    return torch.get_rng_state(), devices, [torch.cuda.get_rng_state(device) for device in devices]
 
 
 def resolve_segments(model: nn.Module, recompute: Any) -> list[nn.Module]:
