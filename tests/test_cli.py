@@ -98,6 +98,19 @@ def test_gradcosine_sample_wise():
     assert torch.tensor(numbers["gram"]).shape == (6, 6) and numbers["sub_batches"] == "samples"
 
 
+def test_gradcosine_sample_wise_with_recomputed_layers(capsys):
+    """--recompute names module classes of MODEL: the same numbers, segments recomputed."""
+    common = ["gradcosine", "nio_fast.models:digits_transformer", "--data", "digits", "--sub-batches", "samples",
+              "--batch-size", "6", "--seed", "0", "--json"]
+    numbers = []
+    for extra in ([], ["--recompute", "TransformerEncoderLayer"]):
+        assert main(common + extra) == 0
+        numbers.append(json.loads(capsys.readouterr().out))
+    kept, recomputed = numbers
+    torch.testing.assert_close(torch.tensor(recomputed["gram"]), torch.tensor(kept["gram"]), rtol=1e-5, atol=1e-9)
+    assert abs(recomputed["gradcosine"] - kept["gradcosine"]) < 1e-6
+
+
 def test_a_bad_path_is_one_line_and_exit_code_2(tmp_path):
     done = run_cli("init", *TINY_MLP, "--data", tmp_path / "missing", "--out", tmp_path / "m.pt")
     assert done.returncode == 2
@@ -146,6 +159,10 @@ def _folder_without_images(tmp_path):
         (["gradcosine", *TINY_MLP, "--data", "digits", "--sub-batches", "some"], "expected an integer >= 2 or 'samples'"),
         (["gradcosine", *TINY_MLP, "--data", _empty_folder], "no class subfolders"),
         (["gradcosine", *TINY_MLP, "--data", _folder_without_images], "contains no images"),
+        (["gradcosine", *TINY_MLP, "--data", "digits", "--sub-batches", "samples", "--recompute", "Block"],
+         "--recompute: MODEL has no module of class 'Block'"),
+        ([*TINY_MLP, "--data", "digits", "--recompute", "Linear"], "recompute: segments are recomputed by the "
+                                                                   "factors mode only"),
         (["demo", "--seeds", "0"], "seeds must be an integer >= 1"),
     ],
 )
