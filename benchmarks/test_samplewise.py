@@ -1,13 +1,15 @@
 """Sample-wise GradCosine with its backward, against vmap over per-sample gradients and one training step.
 
 For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 inputs, N in
-(16, 64, 256), four things are timed on the same batch and measured for peak memory:
+(16, 64, 256), five things are timed on the same batch and measured for peak memory:
 
 - ``step``: one training step, forward + backward (workloads.training_step);
 - ``samplewise``: ``nio_fast.gradcosine(..., sub_batches="samples", mode="factors",
   create_graph=True)`` and ``autograd.grad(value, params)``: one NIO-like evaluation;
 - ``vmap_samples``: the per-sample gradients by ``vmap(grad(loss))`` with graph, their Gram,
   GradCosine and the same backward, under the modes nio_fast runs in (math attention);
+- ``samplewise_recompute``: the same with every residual block / encoder layer recomputed
+  instead of kept (``recompute=``, nio_fast.samplewise.segments): memory against time;
 - ``floor``: one backward with graph and one double backward of ||g||^2 over the whole batch
   (workloads.double_backward_floor), what differentiating through a backward costs before
   any per-sample Gram: the floor of time and memory the sample-wise figures stand against.
@@ -48,7 +50,8 @@ from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
 from nio_fast.algorithms.model_state import nio_modes
 from harness import synchronize
 from networks import images, make
-from workloads import double_backward_floor, samplewise_evaluation, trainable, training_step
+from workloads import (double_backward_floor, samplewise_evaluation, samplewise_recomputed_evaluation, trainable,
+                       training_step)
 
 QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
 LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
@@ -56,7 +59,7 @@ MODELS = ("resnet18_gn", "vit_small")
 SIZES = (4, 8) if QUICK else (16, 64, 256)
 MEMORY_SIZES = SIZES[:1] if QUICK else SIZES  # a fresh process each: ~5 s of start-up even when tiny
 OPTIONS = {"resnet18_gn": {"width": 8}} if QUICK else {}  # constructor options per model
-IMPLEMENTATIONS = ("step", "samplewise", "vmap_samples", "floor")
+IMPLEMENTATIONS = ("step", "samplewise", "samplewise_recompute", "vmap_samples", "floor")
 DEVICE = torch.device(os.environ.get("NIO_FAST_BENCH_DEVICE", "cpu"))
 # per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
 VMAP_LIMIT_BYTES = 0.5 * torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda" else 6e9
@@ -82,7 +85,8 @@ def vmap_samples_evaluation(model, batch):
         torch.autograd.grad(value, params, allow_unused=True)
 
 
-EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation, "vmap_samples": vmap_samples_evaluation,
+EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation,
+               "samplewise_recompute": samplewise_recomputed_evaluation, "vmap_samples": vmap_samples_evaluation,
                "floor": double_backward_floor}
 
 
@@ -130,7 +134,9 @@ def route_summary(routes: dict[str, str] | None) -> str | None:
 @pytest.mark.parametrize("model_name", MODELS)
 def test_samplewise_seconds(benchmark, record, model_name, n, implementation):
     common = dict(model=model_name, N=n, implementation=implementation, params=parameter_count(model_name))
-    if implementation == "vmap_samples" and (reason := vmap_skip_reason(model_name, n)):
+    reason = vmap_skip_reason(model_name, n) if implementation == "vmap_samples" else \
+        long_call_skip_reason(model_name, n, implementation)
+    if reason:
         record("samplewise", **common, seconds=None, skipped=reason)
         pytest.skip(reason)
     model, batch = build(model_name), batch_of(n)
@@ -143,9 +149,17 @@ def test_samplewise_seconds(benchmark, record, model_name, n, implementation):
     rounds, warmup = schedule(model_name, n, implementation)
     benchmark.group = f"{model_name} N={n}"
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    routes = route_summary(last["result"].routes) if implementation == "samplewise" else None
+    routes = route_summary(last["result"].routes) if implementation.startswith("samplewise") else None
     record("samplewise", **common, seconds=benchmark.stats.stats.median, rounds=rounds, warmup=warmup,
            routes=routes)
+
+
+def long_call_skip_reason(model_name: str, n: int, implementation: str) -> str | None:
+    """ResNet-18's recomputing evaluation at N = 256: one call of minutes on a 2-core CPU."""
+    if implementation == "samplewise_recompute" and model_name == "resnet18_gn" and n >= 256 and not LONG \
+            and DEVICE.type == "cpu":
+        return "recompute skipped: one call takes minutes on CPU (NIO_FAST_BENCH_SAMPLEWISE_LONG=1 measures it)"
+    return None
 
 
 def memory_skip_reason(model_name: str, n: int, implementation: str) -> str | None:
@@ -153,7 +167,7 @@ def memory_skip_reason(model_name: str, n: int, implementation: str) -> str | No
         return vmap_skip_reason(model_name, n)
     if implementation == "samplewise" and model_name == "resnet18_gn" and n >= 256 and not LONG:
         return "sample-wise skipped: one call takes minutes on CPU (NIO_FAST_BENCH_SAMPLEWISE_LONG=1 measures it)"
-    return None
+    return long_call_skip_reason(model_name, n, implementation)
 
 
 def cuda_peak_memory(model_name: str, n: int, implementation: str) -> dict:

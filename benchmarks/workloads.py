@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import nio_fast
 from nio_fast.algorithms.model_state import nio_modes
+from networks import BasicBlock
 
 
 def trainable(model) -> list[torch.Tensor]:
@@ -33,8 +35,19 @@ def double_backward_floor(model, batch, sub_batches=None):
         torch.autograd.grad(sum(g.square().sum() for g in grads), params)
 
 
-def samplewise_evaluation(model, batch):
+def samplewise_evaluation(model, batch, recompute=None):
     """Sample-wise GradCosine from layer factors and its gradient: one NIO-like evaluation."""
-    result = nio_fast.gradcosine(model, batch, sub_batches="samples", mode="factors", create_graph=True)
+    result = nio_fast.gradcosine(model, batch, sub_batches="samples", mode="factors", create_graph=True,
+                                 recompute=recompute)
     torch.autograd.grad(result.value, trainable(model), allow_unused=True)
     return result
+
+
+SEGMENT_KINDS = (BasicBlock, nn.TransformerEncoderLayer)
+"""What the benchmarks recompute: the residual blocks of the ResNets, the ViT's encoder layers."""
+
+
+def samplewise_recomputed_evaluation(model, batch):
+    """The same, every residual block or encoder layer recomputed (``recompute=``) instead of kept."""
+    kinds = [kind for kind in SEGMENT_KINDS if any(isinstance(module, kind) for module in model.modules())]
+    return samplewise_evaluation(model, batch, recompute=kinds)

@@ -207,6 +207,21 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     floor_note = report._samplewise_notes(with_floor).splitlines()[0]
     assert "floor (one backward with graph and one double backward over the whole batch, no per-sample Gram) " \
            "takes 2.50 training steps and 2.20x a step's allocated memory" in floor_note
+    assert "recompute" not in floor_note.lower()  # not measured: no sentence about it
+
+    # Recomputed segments, where measured, get their columns and their verdicts.
+    recompute_timing = timing + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute", "seconds": 6.0}]
+    recompute_memory = memory + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute", "threads": 2,
+                                  "extra_mb": 110.0, "allocated_mb": 96.0}]
+    with_recompute = report._samplewise_rows(recompute_timing, recompute_memory)
+    fast_64 = next(r for r in with_recompute if (r["model"], r["N"]) == ("fast", 64))
+    assert (fast_64["recompute s"], fast_64["recompute / step"], fast_64["recompute MB"]) == (6.0, 6.0, 110.0)
+    assert (fast_64["recompute alloc MB"], fast_64["recompute alloc / step alloc"]) == (96.0, 1.2)
+    assert fast_64["recompute MB / step MB"] == 1.1 and with_recompute[0]["recompute s"] is None
+    recompute_note = report._samplewise_notes(with_recompute).splitlines()[0]
+    assert "Recomputing every residual block / encoder layer (recompute=) instead: 6.00 training steps " \
+           "(target: MISSED), 1.20x a step's allocated memory (target: met) and 1.10x its resident memory" \
+           in recompute_note
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
     quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
