@@ -80,6 +80,18 @@ def test_recomputed_segments_equal_the_per_sample_reference(name, dtype, rtol):
     assert all("forward" not in module.__dict__ for module in model.modules())  # forwards restored
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["gn_resnet", "transformer", "chain"])
+def test_recomputed_segments_on_cuda(name):
+    """On a GPU the segments' backward nodes run in the autograd engine's device thread, where the
+    Gram parts' values are skipped (a thread-local flag) and the CUDA generator is restored."""
+    build, segments = CASES[name]
+    model, (inputs, targets) = build(torch.float64)
+    model = model.cuda()
+    check_against_reference(model, (inputs.cuda(), targets.cuda()), 1e-10, sub_batches="samples",
+                            recompute=segments(model))
+
+
 @pytest.mark.parametrize("sub_batches,overlap", [(3, 0.0), (3, 0.4)])
 @pytest.mark.parametrize("name", ["chain", "gn_resnet"])
 def test_recomputed_segments_give_sub_batch_grams_in_factors_mode(name, sub_batches, overlap):
