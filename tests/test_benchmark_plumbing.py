@@ -278,7 +278,7 @@ def test_interleaved_rounds_report_medians_and_ranges():
 
     samples = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=2, batch_size=4, width=4)
     assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",
-                            "samplewise_over_floor"}
+                            "samplewise_over_floor", "recompute_steps", "recompute_over_samplewise"}
     assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
 
