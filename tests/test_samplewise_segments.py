@@ -184,6 +184,35 @@ class TupleUser(nn.Module):
         return self.head(self.pair(x)[0])
 
 
+class EmbeddingSegment(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 5)
+        self.head = nn.Linear(5, 5)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).mean(1))
+
+
+class Mixer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix = nn.Linear(5, 5)
+
+    def forward(self, x, other):
+        return self.mix(x) * other
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(5, 5)
+        self.mixer = Mixer()
+
+    def forward(self, x):
+        return self.mixer(x, torch.sigmoid(self.gate(x)))
+
+
 class SharesWithTheHead(nn.Module):
     def __init__(self):
         super().__init__()
@@ -243,6 +272,8 @@ def small_batch():
     (Unknown, lambda m: [m.layer], ValueError, "no factor rule"),
     (TwiceCalled, lambda m: [m.block], ValueError, "runs twice"),
     (TupleUser, lambda m: [m.pair], TypeError, "must return one floating-point tensor"),
+    (EmbeddingSegment, lambda m: [m.embed], TypeError, "floating-point tensor as its first argument"),
+    (TwoInputs, lambda m: [m.mixer], ValueError, "differentiates its first argument only"),
     (TwiceCalled, lambda m: [nn.Linear(5, 5)], ValueError, "not a submodule"),
     (Chain, lambda m: [m.blocks, m.blocks[0]], ValueError, "cannot nest"),
     (Chain, lambda m: nn.Conv2d, ValueError, "has no Conv2d"),
@@ -250,7 +281,9 @@ def small_batch():
 ])
 def test_unsupported_segments_are_refused_by_name(build, recompute, error, message):
     model = build().double()
-    batch = small_batch() if build is not Chain else chain(torch.float64)[1]
+    batch = chain(torch.float64)[1] if build is Chain else small_batch()
+    if build is EmbeddingSegment:
+        batch = (torch.randint(0, 7, (6, 3)), batch[1])
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(error, match="recompute: .*" + message):
         evaluate(model, batch, sub_batches="samples", recompute=recompute(model))

@@ -404,10 +404,11 @@ def _autograd_gram(losses: torch.Tensor, tensors: list[torch.Tensor], create_gra
 
 def _check_segment_ownership(segmented: Segments, seen: set, params: Sequence[torch.Tensor]) -> None:
     """A segment's parameters are used inside it only: their Gram is then the segment's part."""
-    for index in sorted(seen & segmented.owner.keys()):
-        raise ValueError(f"recompute: a parameter of shape {tuple(params[index].shape)} of "
-                         f"{type(segmented.owner[index]).__name__} is also used outside it; its per-sample Gram "
-                         f"needs all its uses at once (leave that module out of recompute)")
+    shared = sorted(seen & segmented.owner.keys())
+    if shared:
+        raise ValueError(f"recompute: a parameter of shape {tuple(params[shared[0]].shape)} of "
+                         f"{type(segmented.owner[shared[0]]).__name__} is also used outside it; its per-sample "
+                         f"Gram needs all its uses at once (leave that module out of recompute)")
 
 
 def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dtype,
@@ -427,10 +428,11 @@ def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dt
             output = call.run(x_in)
         owned = {index for index, p in enumerate(params) if any(p is q for q in call.params)}
         used = recorder.unfactored.keys() | {index for use in recorder.uses for index in use.roles.values()}
-        for index in sorted(used - owned):
+        foreign = sorted(used - owned)
+        if foreign:
             raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
-                             f"{tuple(params[index].shape)} that is not its own; its per-sample Gram needs all "
-                             f"its uses at once (leave that module out of recompute)")
+                             f"{tuple(params[foreign[0]].shape)} that is not its own; its per-sample Gram needs "
+                             f"all its uses at once (leave that module out of recompute)")
         unfactored = {index: reason for index, reason in recorder.unfactored.items() if index in owned}
         if unfactored:
             index, reason = next(iter(unfactored.items()))

@@ -19,8 +19,8 @@ the segment's forward takes as an input, whose gradient the backward node return
 segment's part. The engine asks its backward for the tokens' gradients beside the recorded
 outputs' and adds them to the Gram, so the parts are in the graph like any other.
 
-Cost: each segment's forward runs three times and its backward twice; the Gram parts of its
-parameters are formed twice. The parameters of a segment must be used inside it only, once per
+Cost: each segment's forward runs four times (three more than kept) and its backward three
+times (two more), its parameters' Gram parts twice (their values once). The parameters of a segment must be used inside it only, once per
 forward (the Gram of a tied weight is not a sum over segments), each by an op with a factor rule.
 """
 from __future__ import annotations
