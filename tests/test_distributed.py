@@ -162,6 +162,9 @@ def _scenarios(rank: int, world: int, group) -> dict:
         make_model("mlp"), mlp_data, sub_batches=chunks, overlap=0.25, **settings))
     results["gradinit"] = outcome(lambda: nio_fast.initialize(make_model("mlp"), mlp_data, method="gradinit",
                                                               **settings))
+    recomputed = make_model("mlp")
+    results["recompute"] = outcome(lambda: nio_fast.initialize(recomputed, mlp_data, sub_batches=chunks,
+                                                               mode="factors", recompute=nn.Linear, **settings))
     return results
 
 
@@ -378,6 +381,8 @@ def test_arguments_are_checked_on_every_rank_and_compared(runs):
         assert result["not_a_multiple"][:2] == ("raised", "ValueError") and "multiple" in result["not_a_multiple"][2]
         assert result["overlap"][:2] == ("raised", "ValueError") and "overlap" in result["overlap"][2]
         assert result["gradinit"][:2] == ("raised", "ValueError") and "nio" in result["gradinit"][2]
+        assert result["recompute"][:2] == ("raised", "ValueError")
+        assert "recompute: not supported in distributed runs yet" in result["recompute"][2]
         expected = ("raised", "ValueError") if rank == 1 else ("raised", RankFailure.__name__)
         assert result["small_batch"][:2] == expected, result["small_batch"]
 
