@@ -116,6 +116,8 @@ class _Segment(Function):
     def forward(ctx, call: SegmentCall, token: torch.Tensor, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         ctx.call = call
         ctx.save_for_backward(x)
+        # Without a graph: keeping it for the first backward (one forward less) took 0.9x the
+        # time on the small ViT at N = 64, but 1.31x a training step's allocator peak, not 1.01x.
         with call.as_in_forward(recomputing=False), torch.no_grad():
             output = call.run(x)
         return output.clone() if output is x else output
