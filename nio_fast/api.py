@@ -177,8 +177,9 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
             whose forward, backward and Gram parts are recomputed instead of kept while the result
             is differentiated: the same value and gradients with only each one's input and output
             gradient alive (``nio_fast.samplewise.segments``), for about three more forwards and
-            two more backwards of them. The ``"factors"`` mode only (``sub_batches="samples"``);
-            a recomputed module's parameters must be its own, used once per forward. None: none.
+            two more backwards of them. The ``"factors"`` mode only (``sub_batches="samples"``, or
+            sub-batches with ``mode="factors"``); a recomputed module's parameters must be its own,
+            used once per forward. None: none.
 
     Returns:
         :class:`GradCosineResult` with ``value``, ``norms``, ``gram``, ``cosine``, ``chunks``.
