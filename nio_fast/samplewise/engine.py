@@ -337,7 +337,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     recorder = FactorRecorder(params, num)
     gram_size = num if chunks is None else len(chunks)
     segmented = Segments(segments, params, (gram_size, gram_size), dtype,
-                         functools.partial(_segment_gram_pass, params, num, dtype, chunks, weights))
+                         functools.partial(_segment_gram_pass, params, num, dtype, chunks, weights, gram_size))
     with segmented.patched(), recorder:
         outputs = call_model(model, inputs)
     if chunks is None:
@@ -413,7 +413,7 @@ def _check_segment_ownership(segmented: Segments, seen: set, params: Sequence[to
 
 def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dtype,
                        chunks: Optional[Sequence[tuple[int, int]]], weights: Optional[ops.ChunkWeighting],
-                       call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor,
+                       gram_size: int, call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor,
                        create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, Gram part) of one segment: recompute it on ``x`` under a recorder, backpropagate
     ``grad_output`` to its input and its recorded outputs, and form the parts of the parameters
@@ -426,7 +426,7 @@ def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dt
         x_in = x if create_graph else x.detach().requires_grad_()
         with recorder:
             output = call.run(x_in)
-        owned = {index for index, p in enumerate(params) if any(p is q for q in call.params)}
+        owned = set(call.indices)
         used = recorder.unfactored.keys() | {index for use in recorder.uses for index in use.roles.values()}
         foreign = sorted(used - owned)
         if foreign:
@@ -451,7 +451,6 @@ def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dt
     if not call.routes:
         call.routes.update(planner.routes)
     parts = [planner.parts[index] for index in sorted(planner.parts)]
-    shape = (num, num) if chunks is None else (len(chunks), len(chunks))
-    part = torch.stack(parts).sum(0) if parts else torch.zeros(shape, dtype=dtype, device=x.device)
+    part = torch.stack(parts).sum(0) if parts else torch.zeros((gram_size, gram_size), dtype=dtype, device=x.device)
     grad_x = grads[-1] if grads[-1] is not None else torch.zeros_like(x)
     return grad_x, part

@@ -20,8 +20,9 @@ segment's part. The engine asks its backward for the tokens' gradients beside th
 outputs' and adds them to the Gram, so the parts are in the graph like any other.
 
 Cost: each segment's forward runs four times (three more than kept) and its backward three
-times (two more), its parameters' Gram parts twice (their values once). The parameters of a segment must be used inside it only, once per
-forward (the Gram of a tied weight is not a sum over segments), each by an op with a factor rule.
+times (two more), its parameters' Gram parts twice (their values once). The parameters of a
+segment must be used inside it only, once per forward (the Gram of a tied weight is not a sum
+over segments), each by an op with a factor rule.
 """
 from __future__ import annotations
 
@@ -51,8 +52,10 @@ class SegmentCall:
     """The module's own forward (not the patched one)."""
     args: tuple
     kwargs: dict
+    indices: tuple[int, ...]
+    """The engine's indices of the selected parameters the segment owns, in order."""
     params: tuple[torch.Tensor, ...]
-    """The selected parameters the segment owns, in the engine's order."""
+    """Those parameters."""
     phase: "SegmentPhase"
     training: list[tuple[nn.Module, bool]]
     routing: Any
@@ -193,8 +196,8 @@ class Segments:
         if any(call.module is module for call in self.calls):
             raise ValueError(f"recompute: {type(module).__name__} runs twice in one forward; its weights' "
                              f"per-sample Gram would need both uses at once (leave it out of recompute)")
-        indices = sorted(index for index, owner in self.owner.items() if owner is module)
-        call = SegmentCall(module, forward, args, kwargs, tuple(self.params[i] for i in indices), self.phase,
+        indices = tuple(sorted(index for index, owner in self.owner.items() if owner is module))
+        call = SegmentCall(module, forward, args, kwargs, indices, tuple(self.params[i] for i in indices), self.phase,
                            [(m, m.training) for m in module.modules()], active_routing(), _rng_state(x))
         token = torch.zeros(self.gram_shape, dtype=self.dtype, device=x.device, requires_grad=True)
         self.calls.append(call)
