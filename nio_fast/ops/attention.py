@@ -86,8 +86,10 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 
 def _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
     tensors = (query, key, value)
-    if (dropout_p != 0.0 or enable_gqa or torch._C._are_functorch_transforms_active()
-            or not any(t.requires_grad for t in tensors)):
+    # Calls without a graph are taken too: under NIO's modes PyTorch's would run its math path
+    # (1.33x the time of this one in a no-grad forward of the small ViT's encoder layer), and a
+    # recomputed segment (nio_fast.samplewise.segments) gets the very values its recomputation sees.
+    if dropout_p != 0.0 or enable_gqa or torch._C._are_functorch_transforms_active():
         return False
     if any(t.dtype != query.dtype or t.device != query.device or t.dim() != query.dim() for t in tensors):
         return False
