@@ -143,6 +143,35 @@ def test_recompute_keeps_a_fraction_of_the_memory():
     assert recomputed < 0.5 * kept, f"recomputed peak {recomputed:.1f} MB against {kept:.1f} MB kept"
 
 
+@pytest.mark.parametrize("recompute,expected", [
+    # the values pass of every block but the last reached, whose graph is built once and kept;
+    # the double backward recomputes the others with a graph, their parts' values skipped
+    (ResidualBlock, {(False, True): 2, (True, True): 1, (True, False): 2}),
+    # a lone segment keeping its graph would keep everything: recomputed like the others
+    ("one", {(False, True): 1, (True, False): 1}),
+])
+def test_the_last_segment_reached_keeps_its_graph_for_the_double_backward(recompute, expected):
+    from nio_fast.samplewise import engine
+    model, batch = chain(torch.float64)
+    segments = [model.blocks[1]] if recompute == "one" else recompute
+    _, params = trainable(model)
+    passes = []
+    original = engine._segment_gram_pass
+
+    def counted(*args):
+        passes.append(args[-2:])  # (create_graph, values)
+        return original(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine, "_segment_gram_pass", counted)
+        result = nio_fast.gradcosine(model, batch, sub_batches="samples", create_graph=True, recompute=segments)
+        first = torch.autograd.grad(result.value, params, retain_graph=True)
+        assert {kind: passes.count(kind) for kind in set(passes)} == expected
+        second = torch.autograd.grad(result.value, params)  # the kept graph was used up: recomputed
+    for mine, theirs in zip(second, first):
+        assert_near(mine, theirs, 1e-12, "gradient of a second double backward")
+
+
 class NoisyBlock(ResidualBlock):
     """Multiplicative noise drawn in the forward, whatever the module's mode."""
 

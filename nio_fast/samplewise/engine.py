@@ -414,10 +414,11 @@ def _check_segment_ownership(segmented: Segments, seen: set, params: Sequence[to
 def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dtype,
                        chunks: Optional[Sequence[tuple[int, int]]], weights: Optional[ops.ChunkWeighting],
                        gram_size: int, call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor,
-                       create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       create_graph: bool, values: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, Gram part) of one segment: recompute it on ``x`` under a recorder, backpropagate
     ``grad_output`` to its input and its recorded outputs, and form the parts of the parameters
-    it owns there, as the engine does for the whole model (with a graph when ``create_graph``)."""
+    it owns there, as the engine does for the whole model (with a graph when ``create_graph``;
+    without the parts' values, which a graph pass may skip, unless ``values``)."""
     recorder = FactorRecorder(params, num)
     with call.as_in_forward(), torch.enable_grad():
         # The values pass takes a leaf of its own: a backward reaching the model's x would fire the
@@ -442,9 +443,9 @@ def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dt
         factored = [use for use in recorder.uses if any(i in owned for i in use.roles.values())]
         planner = _PartPlanner(params, factored, {}, dtype, chunks, weights)
         wanted = [use.output_edge for use in factored] + [x_in]
-        # The graph pass differentiates the parts, whose values the values pass formed: the
-        # factor-Gram Functions skip them there (ops.gram_values_unused).
-        skipped = ops.gram_values_unused() if create_graph else contextlib.nullcontext()
+        # A graph pass that only differentiates the parts, whose values the values pass formed,
+        # has the factor-Gram Functions skip them (ops.gram_values_unused).
+        skipped = contextlib.nullcontext() if values else ops.gram_values_unused()
         with planner.listening(recorder), skipped:
             grads = torch.autograd.grad(output, wanted, grad_output, create_graph=create_graph, allow_unused=True)
             planner.finish()

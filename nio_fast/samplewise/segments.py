@@ -14,13 +14,18 @@ whose inside is recomputed instead of kept, twice over:
   a graph, and differentiates them at once (one segment's graph alive at a time); the forward
   node, reached later through the activations, recomputes the segment's plain backward.
 
+The last segment the engine's backward reaches (the model's first, in a chain) is the first the
+double backward needs: its backward node builds that graph at once and keeps it, since nothing
+else runs in between (no second recomputation, and the same peak: one segment's graph).
+
 The Gram parts leave a segment as the *gradient of a token*: a zero [N, N] (or [D, D]) tensor
 the segment's forward takes as an input, whose gradient the backward node returns as the
 segment's part. The engine asks its backward for the tokens' gradients beside the recorded
 outputs' and adds them to the Gram, so the parts are in the graph like any other.
 
 Cost: each segment's forward runs four times (three more than kept) and its backward three
-times (two more), its parameters' Gram parts twice (their values once). The parameters of a
+times (two more), its parameters' Gram parts twice (their values once); the last one reached
+runs its forward three times and its backward twice, its parts once. The parameters of a
 segment must be used inside it only, once per forward (the Gram of a tied weight is not a sum
 over segments), each by an op with a factor rule.
 """
@@ -38,9 +43,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..ops.fused_calls import active_routing
 
-GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
-"""(call, x, g, create_graph) -> (dL/dx, the segment's Gram parts): recompute the segment on ``x``,
-backpropagate ``g`` through it, form its parameters' parts (the engine's rules)."""
+GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool, bool], tuple[torch.Tensor, torch.Tensor]]
+"""(call, x, g, create_graph, values) -> (dL/dx, the segment's Gram parts): recompute the segment
+on ``x``, backpropagate ``g`` through it, form its parameters' parts (the engine's rules; their
+values may be skipped in a graph pass unless ``values``)."""
 
 
 @dataclass
@@ -109,6 +115,10 @@ class SegmentPhase:
 
     gram: bool = False
     gram_pass: Optional[GramPass] = None
+    calls: int = 0
+    """Segment calls in the forward."""
+    unreached: int = 0
+    """Of those, the ones the engine's backward has yet to reach."""
 
 
 class _Segment(Function):
@@ -129,10 +139,13 @@ class _Segment(Function):
     def backward(ctx, grad_output: torch.Tensor):
         call, (x,) = ctx.call, ctx.saved_tensors
         if call.phase.gram:
+            call.phase.unreached -= 1
             if torch.is_grad_enabled():  # a backward with graph: the double backward recomputes it again
-                grad_x, part = _SegmentBackward.apply(call, x, grad_output, *call.params)
+                # The last segment reached keeps its graph; a lone segment would so keep everything.
+                keep_graph = call.phase.unreached == 0 and call.phase.calls > 1
+                grad_x, part = _SegmentBackward.apply(call, keep_graph, x, grad_output, *call.params)
             else:
-                grad_x, part = call.phase.gram_pass(call, x, grad_output, False)
+                grad_x, part = call.phase.gram_pass(call, x, grad_output, False, True)
             return (None, part, grad_x) + (None,) * len(call.params)
         grad_x, *grad_params = call.input_gradient(x, grad_output, torch.is_grad_enabled())
         return (None, None, grad_x, *grad_params)
@@ -140,29 +153,42 @@ class _Segment(Function):
 
 class _SegmentBackward(Function):
     """(dL/dx, Gram part) of a segment from x and its output gradient g, keeping those two only;
-    the backward recomputes the segment, its backward and its parts with a graph."""
+    the backward recomputes the segment, its backward and its parts with a graph. With
+    ``keep_graph`` (the last segment the engine's backward reaches), the forward builds that graph
+    and keeps it for the backward's first run instead."""
 
     @staticmethod
-    def forward(ctx, call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor, *params: torch.Tensor):
+    def forward(ctx, call: SegmentCall, keep_graph: bool, x: torch.Tensor, grad_output: torch.Tensor,
+                *params: torch.Tensor):
         ctx.call = call
         ctx.save_for_backward(x, grad_output)
-        grad_x, part = call.phase.gram_pass(call, x, grad_output, False)
-        return grad_x, part
+        ctx.kept = None
+        if not keep_graph:
+            return call.phase.gram_pass(call, x, grad_output, False, True)
+        with torch.enable_grad():
+            leaves = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
+            grad_x, part = call.phase.gram_pass(call, *leaves, True, True)
+        ctx.kept = (leaves, grad_x, part)
+        return grad_x.detach(), part.detach()
 
     @staticmethod
     def backward(ctx, cot_grad_x: Optional[torch.Tensor], cot_part: Optional[torch.Tensor]):
         call, (x, grad_output) = ctx.call, ctx.saved_tensors
         with torch.enable_grad():
-            x_leaf, grad_leaf = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
-            grad_x, part = call.phase.gram_pass(call, x_leaf, grad_leaf, True)
+            if ctx.kept is not None:  # consumed once: a second double backward recomputes
+                (x_leaf, grad_leaf), grad_x, part = ctx.kept
+                ctx.kept = None
+            else:
+                x_leaf, grad_leaf = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
+                grad_x, part = call.phase.gram_pass(call, x_leaf, grad_leaf, True, False)
             pairs = [(out, cot) for out, cot in ((grad_x, cot_grad_x), (part, cot_part))
                      if cot is not None and out.requires_grad]
             if not pairs:
-                return (None,) * (3 + len(call.params))
+                return (None,) * (4 + len(call.params))
             outputs, cotangents = zip(*pairs)
             grads = torch.autograd.grad(outputs, (x_leaf, grad_leaf, *call.params), cotangents,
                                         allow_unused=True)
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 class Segments:
@@ -222,7 +248,7 @@ class Segments:
     @contextlib.contextmanager
     def gram_phase(self) -> Iterator[None]:
         """The span of the engine's backward: segment nodes return their Gram parts."""
-        self.phase.gram = True
+        self.phase.gram, self.phase.calls, self.phase.unreached = True, len(self.calls), len(self.calls)
         try:
             yield
         finally:
