@@ -295,8 +295,10 @@ def _materialize_backward(a: torch.Tensor, b: torch.Tensor, sym: torch.Tensor, b
     p = b.shape[2]
     acc = sym.dtype
     samples = _materialize_plan(num, positions, d, p, torch.finfo(acc).bits // 8, budget)
-    grad_a = torch.empty_like(a) if need_a else None
-    grad_b = torch.empty_like(b) if need_b else None
+    # The results are allocated once the first block's per-sample gradients are freed and
+    # written in place (bmm's out=): with one block (the usual case) the peak holds P or the
+    # results beside dP, not all of them and a bmm temporary (ViT in-projection: 7 MB, not 13).
+    grad_a = grad_b = None
     for i0, i1 in _blocks(num, samples):
         a_i, b_i = a[i0:i1].to(acc), b[i0:i1].to(acc)
         grad_p = torch.zeros((i1 - i0, p * d), dtype=acc, device=a.device)
@@ -306,9 +308,11 @@ def _materialize_backward(a: torch.Tensor, b: torch.Tensor, sym: torch.Tensor, b
             del p_j
         grad_p = grad_p.view(i1 - i0, p, d)
         if need_a:
-            grad_a[i0:i1] = torch.bmm(b_i, grad_p)                  # [n,T,p] @ [n,p,d]
+            grad_a = torch.empty(a.shape, dtype=acc, device=a.device) if grad_a is None else grad_a
+            torch.bmm(b_i, grad_p, out=grad_a[i0:i1])                  # [n,T,p] @ [n,p,d]
         if need_b:
-            grad_b[i0:i1] = torch.bmm(a_i, grad_p.transpose(1, 2))  # [n,T,d] @ [n,d,p]
+            grad_b = torch.empty(b.shape, dtype=acc, device=b.device) if grad_b is None else grad_b
+            torch.bmm(a_i, grad_p.transpose(1, 2), out=grad_b[i0:i1])  # [n,T,d] @ [n,d,p]
         del grad_p
     return grad_a, grad_b
 
