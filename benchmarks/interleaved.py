@@ -8,7 +8,8 @@ With D, each round times one training step, one reference iteration, one nio_fas
 the double-backward floor (workloads.double_backward_floor), in that order, on the same
 model and batch; with ``samples``, a training step, one sample-wise GradCosine evaluation with
 its backward (workloads.samplewise_evaluation), the same with every block recomputed
-(workloads.samplewise_recomputed_evaluation) and the floor. Every ratio (the speed-up,
+(workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
+(workloads.samplewise_half_recomputed_evaluation) and the floor. Every ratio (the speed-up,
 each call in training steps, reference / floor: the speed-up of an iteration at the floor,
 sample-wise / floor) is taken per round and its median and range printed (one JSON line). On
 shared cores the machine's speed drifts by +-30% over minutes, so ratios of cases timed minutes
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
-from workloads import (double_backward_floor, samplewise_evaluation, samplewise_recomputed_evaluation,  # noqa: E402
-                       training_step)
+from workloads import (double_backward_floor, samplewise_evaluation, samplewise_half_recomputed_evaluation,  # noqa: E402,E501
+                       samplewise_recomputed_evaluation, training_step)
 
 RATIOS = {  # name: (numerator, denominator), per round
     "speed_up": ("reference", "nio_fast"), "nio_fast_steps": ("nio_fast", "step"),
@@ -38,6 +39,8 @@ RATIOS = {  # name: (numerator, denominator), per round
     "reference_over_floor": ("reference", "floor"),
     "samplewise_steps": ("samplewise", "step"), "samplewise_over_floor": ("samplewise", "floor"),
     "recompute_steps": ("recompute", "step"), "recompute_over_samplewise": ("recompute", "samplewise"),
+    "recompute_half_steps": ("recompute_half", "step"),
+    "recompute_half_over_samplewise": ("recompute_half", "samplewise"),
 }
 
 
@@ -57,6 +60,7 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str], rounds: in
     if sub_batches == "samples":
         calls["samplewise"] = lambda: samplewise_evaluation(model, batch)
         calls["recompute"] = lambda: samplewise_recomputed_evaluation(model, batch)
+        calls["recompute_half"] = lambda: samplewise_half_recomputed_evaluation(model, batch)
     else:
         calls["reference"] = lambda: reference_iteration(model, batch, sub_batches)
         calls["nio_fast"] = lambda: nio_fast_iteration(model, batch, sub_batches)

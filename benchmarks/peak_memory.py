@@ -29,9 +29,11 @@ import torch  # noqa: E402
 from networks import images, make  # noqa: E402
 from test_iteration import IMPLEMENTATIONS  # noqa: E402
 from test_samplewise import vmap_samples_evaluation  # noqa: E402
-from workloads import samplewise_evaluation, samplewise_recomputed_evaluation, training_step  # noqa: E402
+from workloads import (samplewise_evaluation, samplewise_half_recomputed_evaluation,  # noqa: E402
+                       samplewise_recomputed_evaluation, training_step)
 
 SAMPLEWISE = {"samplewise": samplewise_evaluation, "samplewise_recompute": samplewise_recomputed_evaluation,
+              "samplewise_recompute_half": samplewise_half_recomputed_evaluation,
               "vmap_samples": vmap_samples_evaluation}
 
 

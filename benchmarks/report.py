@@ -241,16 +241,26 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
             "vmap alloc MB": a.get("vmap_samples"), "floor alloc MB": a.get("floor"),
             "sample-wise alloc / step alloc": _ratio(a.get("samplewise"), a.get("step")),
             "floor alloc / step alloc": _ratio(a.get("floor"), a.get("step")),
-            "recompute s": s.get("samplewise_recompute"),
-            "recompute / step": _ratio(s.get("samplewise_recompute"), s.get("step")),
-            "recompute MB": m.get("samplewise_recompute"), "recompute alloc MB": a.get("samplewise_recompute"),
-            "recompute MB / step MB": _ratio(m.get("samplewise_recompute"), m.get("step")),
-            "recompute alloc / step alloc": _ratio(a.get("samplewise_recompute"), a.get("step")),
+            **{column: value for implementation, (name, _) in RECOMPUTE_VARIANTS.items()
+               for column, value in _recompute_columns(name, implementation, s, m, a).items()},
             "routes (sample-wise)": routes.get((model, n)),
             "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
                                  for reason, measures in skipped[(model, n)].items()) or None,
         })
     return table
+
+
+RECOMPUTE_VARIANTS = {  # implementation: (column prefix, what its sentence says is recomputed)
+    "samplewise_recompute": ("recompute", "every residual block / encoder layer"),
+    "samplewise_recompute_half": ("half recompute", "the first half of the residual blocks / encoder layers"),
+}
+
+
+def _recompute_columns(name: str, implementation: str, s: dict, m: dict, a: dict) -> dict:
+    return {f"{name} s": s.get(implementation), f"{name} / step": _ratio(s.get(implementation), s.get("step")),
+            f"{name} MB": m.get(implementation), f"{name} alloc MB": a.get(implementation),
+            f"{name} MB / step MB": _ratio(m.get(implementation), m.get("step")),
+            f"{name} alloc / step alloc": _ratio(a.get(implementation), a.get("step"))}
 
 
 def _verdict(value, limit: float, strict: bool = False) -> str:
@@ -299,14 +309,17 @@ def _samplewise_notes(table: list[dict]) -> str:
             floor_text = (f" The double-backward floor (one backward with graph and one double backward over "
                           f"the whole batch, no per-sample Gram) takes {in_steps(floor_steps)} "
                           f"and {times(floor_allocated)} a step's allocated memory.")
-        recompute_steps, recompute_allocated = at.get("recompute / step"), at.get("recompute alloc / step alloc")
         recompute_text = ""
-        if recompute_steps is not None or recompute_allocated is not None:
-            recompute_text = (f" Recomputing every residual block / encoder layer (recompute=) instead: "
-                              f"{in_steps(recompute_steps)} (target: {_verdict(recompute_steps, SAMPLEWISE_TARGETS['steps'])}), "
-                              f"{times(recompute_allocated)} a step's allocated memory (target: "
-                              f"{_verdict(recompute_allocated, limit)}) and {times(at.get('recompute MB / step MB'))} "
-                              f"its resident memory.")
+        for name, recomputed in RECOMPUTE_VARIANTS.values():
+            recompute_steps, recompute_allocated = at.get(f"{name} / step"), at.get(f"{name} alloc / step alloc")
+            if recompute_steps is None and recompute_allocated is None:
+                continue
+            recompute_text += (f" Recomputing {recomputed} (recompute=) instead: "
+                               f"{in_steps(recompute_steps)} (target: "
+                               f"{_verdict(recompute_steps, SAMPLEWISE_TARGETS['steps'])}), "
+                               f"{times(recompute_allocated)} a step's allocated memory (target: "
+                               f"{_verdict(recompute_allocated, limit)}) and {times(at.get(f'{name} MB / step MB'))} "
+                               f"its resident memory.")
         lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {in_steps(steps)} "
                      f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
                      f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
@@ -320,7 +333,8 @@ SAMPLEWISE_NOTES = (
     "mode=\"factors\", create_graph=True) and autograd.grad(value, params), one NIO-like evaluation (routes: "
     "how many parameter tensors took each route of nio_fast.samplewise). recompute: the same with every residual "
     "block (ResNet) or encoder layer (ViT) passed as recompute=, recomputed instead of kept "
-    "(nio_fast.samplewise.segments). vmap: per-sample gradients by "
+    "(nio_fast.samplewise.segments); half recompute: the first half of them (the ResNet's first two stages, the "
+    "ViT's first two layers), the others kept. vmap: per-sample gradients by "
     "vmap(grad(loss)) with graph, ops.gram, GradCosine and the same backward (on vit_small its double backward "
     "through layer_norm is inexact in torch 2.13, tests/test_vmap_safety.py: timed for its cost only). Seconds: "
     "medians of test_samplewise.py's schedule (one or two timed calls after at most one warm-up). MB: peak resident "
@@ -346,6 +360,7 @@ def _plot_samplewise(table: list[dict]) -> None:
         rows = sorted((r for r in table if r["model"] == model), key=lambda r: r["N"])
         for column, label, style in (("step s", "one training step", "^:"), ("sample-wise s", "sample-wise", "s-"),
                                      ("recompute s", "sample-wise, recomputed", "d-."),
+                                     ("half recompute s", "sample-wise, half recomputed", "x-."),
                                      ("vmap s", "vmap per-sample", "o--"), ("floor s", "double-backward floor", "v:")):
             points = [(r["N"], r[column]) for r in rows if r[column]]
             if points:

@@ -51,3 +51,10 @@ def samplewise_recomputed_evaluation(model, batch):
     """The same, every residual block or encoder layer recomputed (``recompute=``) instead of kept."""
     kinds = [kind for kind in SEGMENT_KINDS if any(isinstance(module, kind) for module in model.modules())]
     return samplewise_evaluation(model, batch, recompute=kinds)
+
+
+def samplewise_half_recomputed_evaluation(model, batch):
+    """The same, the first half of the blocks or layers recomputed and the rest kept: the ResNets'
+    early, high-resolution stages hold the most memory per FLOP; the ViT's layers are all alike."""
+    blocks = [module for module in model.modules() if isinstance(module, SEGMENT_KINDS)]
+    return samplewise_evaluation(model, batch, recompute=blocks[:len(blocks) // 2])

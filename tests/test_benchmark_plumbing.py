@@ -222,6 +222,19 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert "Recomputing every residual block / encoder layer (recompute=) instead: 6.00 training steps " \
            "(target: MISSED), 1.20x a step's allocated memory (target: met) and 1.10x its resident memory" \
            in recompute_note
+    assert "first half" not in recompute_note  # not measured: no sentence about it
+    half_timing = recompute_timing + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute_half",
+                                       "seconds": 4.5}]
+    half_memory = recompute_memory + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute_half",
+                                       "threads": 2, "extra_mb": 150.0, "allocated_mb": 144.0}]
+    with_half = report._samplewise_rows(half_timing, half_memory)
+    fast_64 = next(r for r in with_half if (r["model"], r["N"]) == ("fast", 64))
+    assert (fast_64["half recompute / step"], fast_64["half recompute alloc / step alloc"]) == (4.5, 1.8)
+    assert fast_64["recompute / step"] == 6.0  # the other variant's columns stay its own
+    half_note = report._samplewise_notes(with_half).splitlines()[0]
+    assert "Recomputing the first half of the residual blocks / encoder layers (recompute=) instead: 4.50 " \
+           "training steps (target: met), 1.80x a step's allocated memory (target: met) and 1.50x its resident " \
+           "memory" in half_note
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
     quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
@@ -278,7 +291,8 @@ def test_interleaved_rounds_report_medians_and_ranges():
 
     samples = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=2, batch_size=4, width=4)
     assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",
-                            "samplewise_over_floor", "recompute_steps", "recompute_over_samplewise"}
+                            "samplewise_over_floor", "recompute_steps", "recompute_over_samplewise",
+                            "recompute_half_steps", "recompute_half_over_samplewise"}
     assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
 
