@@ -64,12 +64,13 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 try:
     import torch.distributed as dist
 except ImportError:  # pragma: no cover - builds without torch.distributed
     dist = None
+
+from .ops.first_order import first_order
 
 DEBUG_ENV = "NIO_FAST_DEBUG_DISTRIBUTED"
 
@@ -496,7 +497,7 @@ class _ShardedGram(torch.autograd.Function):
         return gram.to(run.device)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_gram: torch.Tensor):
         (shard,) = ctx.saved_tensors
         run = ctx.run

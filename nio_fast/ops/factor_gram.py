@@ -22,7 +22,7 @@ recompute the kernels blockwise in backward, so the graph holds nothing of size 
 N d p between forward and backward. With ``S = dG + dG^T``:
 ghost: ``dA_i = sum_j S_ij (B_i B_j^T) A_j``, ``dB_i = sum_j S_ij (A_i A_j^T) B_j``;
 materialize: ``dP_i = sum_j S_ij P_j``, ``dA_i = B_i dP_i``, ``dB_i = A_i dP_i^T``.
-Backward is first order (``once_differentiable``): callers differentiate G once.
+Backward is first order (``first_order``: a derivative of it is refused): callers differentiate G once.
 
 Accumulation: fp64 when the inputs are fp64, else fp32 (bf16 and fp16 inputs give an fp32
 Gram); input gradients come back in the inputs' dtype.
@@ -44,9 +44,9 @@ from types import ModuleType
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import availability
+from .first_order import first_order
 
 _BLOCK_BYTES = 32 * 2 ** 20
 """Budget for one temporary (bytes). Read at call time; monkeypatch it to force splitting."""
@@ -338,7 +338,7 @@ class _OuterGram(torch.autograd.Function):
         return _materialize_forward(inputs, output_grads, budget)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_gram: torch.Tensor):
         a, b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -526,7 +526,7 @@ class _EmbeddingGram(torch.autograd.Function):
         return _embedding_forward(indices, output_grads, padding_idx, budget)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_gram: torch.Tensor):
         indices, b = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:

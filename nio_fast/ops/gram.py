@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import availability
+from .first_order import first_order
 
 GradTable = list[list[torch.Tensor]]
 """``grads[d][p]``: D lists of P tensors."""
@@ -104,7 +104,7 @@ class _FusedGram(torch.autograd.Function):
         return _fused_forward(backend, table)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_gram: torch.Tensor):
         flat = ctx.saved_tensors
         if not any(ctx.needs_input_grad[3:]):

@@ -26,9 +26,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from .. import availability
+from .first_order import first_order
 
 Tensor = torch.Tensor
 
@@ -250,7 +250,7 @@ class _GroupNormWeightPerSample(Function):
         return rows
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_rows):
         grad_out, x, mean, rstd = ctx.saved_tensors
         d_grad_out, d_x, _ = ctx.kernels.group_norm_double_backward(grad_out, x, mean, rstd, None, ctx.groups,

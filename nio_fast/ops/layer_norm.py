@@ -19,9 +19,9 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
-from torch.autograd.function import once_differentiable
 
 from .. import availability
+from .first_order import first_order
 from .group_norm import group_norm_backward_reference, group_norm_double_backward_reference
 
 Tensor = torch.Tensor
@@ -148,7 +148,7 @@ class _LayerNormWeightPerSample(Function):
         return _per_sample_sum(grad_out * x_hat, normalized_shape)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_rows):
         grad_out, x, mean, rstd = ctx.saved_tensors
         spread = grad_rows.reshape(grad_rows.shape[0], *([1] * (x.dim() - 1 - len(ctx.normalized_shape))),

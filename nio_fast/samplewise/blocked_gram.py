@@ -19,9 +19,9 @@ from dataclasses import replace
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..ops import gram_values_wanted
+from ..ops.first_order import first_order
 from .factors import weight_rows
 from .recorder import CONV, LINEAR, LayerUse
 
@@ -90,7 +90,7 @@ class _BlockedGram(torch.autograd.Function):
         return gram
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_gram: torch.Tensor):
         tensors = ctx.saved_tensors
         needs = ctx.needs_input_grad[5:]
