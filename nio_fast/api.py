@@ -163,8 +163,10 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
             per_chunk's loop over chunks (unequal chunks, or a model vmap cannot run) when it
             applies. Every mode gives the same value where it applies; ``result.mode`` says
             which ran and ``result.routes`` how ``"factors"`` handled each tensor.
-        create_graph: keep the graph so the result can be differentiated (once: a derivative of
-            that gradient, a third derivative, raises; ``nio_fast.ops.first_order``).
+        create_graph: keep the graph so the result can be differentiated. A derivative of that
+            gradient (a third derivative) goes through the sub-batch Gram exactly; backwards that
+            are first order only raise by name instead of dropping their terms (the ``"factors"``
+            engine's, the distributed Gram's: ``nio_fast.ops.first_order``).
         backend: Gram backend, see :func:`nio_fast.ops.gram`.
         process_group: a ``torch.distributed`` process group; None uses the default group when
             torch.distributed is initialised (a DDP model's own group when it has one). Then

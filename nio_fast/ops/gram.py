@@ -15,7 +15,6 @@ from typing import Sequence, Union
 import torch
 
 from .. import availability
-from .first_order import first_order
 
 GradTable = list[list[torch.Tensor]]
 """``grads[d][p]``: D lists of P tensors."""
@@ -78,6 +77,16 @@ def gram_reference(table: GradTable) -> torch.Tensor:
     return stacked @ stacked.T
 
 
+def _backward_reference(table: GradTable, weights: torch.Tensor) -> GradTable:
+    """The Gram's backward, dL/dg_d = sum_k W[d, k] g_k with W = dG + dG^T, in differentiable
+    torch ops (one [D, D] x [D, size] product per tensor)."""
+    columns = []
+    for tensors in zip(*table):
+        stacked = torch.stack(tensors).reshape(len(tensors), -1).to(weights.dtype)
+        columns.append([row.view(tensors[0].shape).to(tensors[0].dtype) for row in weights @ stacked])
+    return [list(row) for row in zip(*columns)]
+
+
 # ---------------------------------------------------------------------------------------------
 # The fused backends behind one autograd.Function.
 
@@ -104,7 +113,6 @@ class _FusedGram(torch.autograd.Function):
         return _fused_forward(backend, table)
 
     @staticmethod
-    @first_order
     def backward(ctx, grad_gram: torch.Tensor):
         flat = ctx.saved_tensors
         if not any(ctx.needs_input_grad[3:]):
@@ -112,7 +120,10 @@ class _FusedGram(torch.autograd.Function):
         n = ctx.num_tensors
         table = [list(flat[d * n:(d + 1) * n]) for d in range(ctx.num_grads)]
         weights = grad_gram + grad_gram.T
-        outputs = _fused_backward(ctx.backend, table, weights)
+        if torch.is_grad_enabled():  # a graph to build: a third derivative of GradCosine goes through it
+            outputs = _backward_reference(table, weights)
+        else:
+            outputs = _fused_backward(ctx.backend, table, weights)
         return (None, None, None) + tuple(t for row in outputs for t in row)
 
 
