@@ -86,3 +86,16 @@ def test_a_third_derivative_of_gradcosine_is_exact_for_sub_batches_and_refused_f
     grads = torch.autograd.grad(value, params, create_graph=True)  # second order: supported
     with pytest.raises(RuntimeError, match=REFUSED):
         torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
+def test_a_third_derivative_through_a_recomputed_segment_is_refused():
+    """A segment's double-backward node differentiates its recomputed graph without keeping one:
+    with every parameter inside the segment nothing else would refuse."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    batch = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = list(model.parameters())
+    value = nio_fast.gradcosine(model, batch, sub_batches="samples", create_graph=True, recompute=[model]).value
+    grads = torch.autograd.grad(value, params, create_graph=True)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), params)

@@ -41,6 +41,7 @@ from torch import nn
 from torch.autograd import Function
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..ops.first_order import first_order
 from ..ops.fused_calls import active_routing
 
 GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool, bool], tuple[torch.Tensor, torch.Tensor]]
@@ -172,6 +173,7 @@ class _SegmentBackward(Function):
         return grad_x.detach(), part.detach()
 
     @staticmethod
+    @first_order  # its recomputed graph is differentiated without one
     def backward(ctx, cot_grad_x: Optional[torch.Tensor], cot_part: Optional[torch.Tensor]):
         call, (x, grad_output) = ctx.call, ctx.saved_tensors
         with torch.enable_grad():
