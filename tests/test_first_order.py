@@ -99,3 +99,21 @@ def test_a_third_derivative_through_a_recomputed_segment_is_refused():
     grads = torch.autograd.grad(value, params, create_graph=True)
     with pytest.raises(RuntimeError, match=REFUSED):
         torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
+def test_exact_recompute_differentiates_once_with_a_graph_and_refuses_beyond():
+    """Its backward differentiates chunk graphs it builds itself: with create_graph=True it used
+    to run into its own node again (AttributeError); now its values are those without a graph."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    batch = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    params = list(model.parameters())
+
+    def value():
+        return nio_fast.gradcosine(model, batch, sub_batches=3, mode="exact_recompute", create_graph=True).value
+    plain = torch.autograd.grad(value(), params)
+    grads = torch.autograd.grad(value(), params, create_graph=True)
+    for mine, theirs in zip(grads, plain):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), params)

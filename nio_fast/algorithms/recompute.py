@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .. import ops
+from ..ops.first_order import first_order
 from .batching import call_model, slice_rows
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -53,6 +54,7 @@ class _RecomputedChunkGram(torch.autograd.Function):
         return ops.gram(grads, backend=backend)
 
     @staticmethod
+    @first_order  # it differentiates the chunk graphs without keeping one
     def backward(ctx, grad_gram: torch.Tensor):
         params, grads = ctx.params, ctx.grads
         sym = grad_gram + grad_gram.T
