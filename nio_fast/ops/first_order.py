@@ -1,14 +1,15 @@
 """First-order backwards whose derivative is refused where it is asked for, not dropped.
 
 Several backwards here are written for one differentiation only (the per-sample Grams of layer
-factors, the per-sample norm affines, the distributed Gram): NIO differentiates GradCosine once. PyTorch's ``once_differentiable`` hangs its error on detached copies of the
-gradients, so an ``autograd.grad`` with respect to the real inputs (a derivative of a GradCosine
-gradient taken with ``create_graph=True``: a third derivative) never reaches the error, and the
-terms through these backwards are silently left out: measured on a two-layer MLP, the third
-derivative of sample-wise GradCosine was off by 50-90% of its size (of sub-batch GradCosine too,
-before the fused Gram's backward built a graph from its plain formula when asked to: now exact).
-:func:`first_order` hangs a node on the real edges (the incoming gradients and the saved
-tensors), and that node raises.
+factors, the per-sample norm affines, recomputed segments, ``exact_recompute``, the distributed
+Gram): NIO differentiates GradCosine once. PyTorch's ``once_differentiable`` hangs its error on
+detached copies of the gradients, so an ``autograd.grad`` with respect to the real inputs (a
+derivative of a GradCosine gradient taken with ``create_graph=True``: a third derivative) never
+reaches the error, and the terms through these backwards are silently left out: measured on a
+two-layer MLP, the third derivative of sample-wise GradCosine was off by 50-90% of its size (of
+sub-batch GradCosine too, before the fused Gram's backward built a graph from its plain formula
+when asked to: now exact). :func:`first_order` hangs a node on the real edges (the incoming
+gradients and the saved tensors), and that node raises.
 """
 from __future__ import annotations
 
