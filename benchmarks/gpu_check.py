@@ -7,7 +7,7 @@ Steps, in order, each recorded whatever the others do:
 1. build: compile nio_fast._C in place (``setup.py build_ext --inplace --force``) when it does not
    import, or lacks CUDA kernels although nvcc and CUDA sources are there (``--build`` to choose);
 2. tests: ``pytest`` of CORRECTNESS_TEST_FILES (the Gram, ghost-Gram and chunk-reduction kernels, GroupNorm,
-   the extension, the ops) with TRITON_INTERPRET unset, so that their CUDA classes and
+   the extension, the ops, their derivatives' limits) with TRITON_INTERPRET unset, so that their CUDA classes and
    parameters run; pass/fail counts;
 3. bandwidth: the device's copy bandwidth (a large device-to-device copy, bytes read plus
    written per second) and each backend's on ViT-B/16-shaped gradients: forward, the gradients'
@@ -71,7 +71,8 @@ CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py"
                           "tests/test_triton_ghost_gram.py", "tests/test_triton_chunk_reduce.py",
                           "tests/test_chunk_reduce.py", "tests/test_group_norm.py", "tests/test_batch_norm.py",
                           "tests/test_layer_norm.py", "tests/test_triton_group_norm.py", "tests/test_samplewise.py",
-                          "tests/test_samplewise_segments.py", "tests/test_attention.py")
+                          "tests/test_samplewise_segments.py", "tests/test_attention.py",
+                          "tests/test_first_order.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one iteration pair (each timing its own steps), D = 16
 DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only

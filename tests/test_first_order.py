@@ -117,3 +117,20 @@ def test_exact_recompute_differentiates_once_with_a_graph_and_refuses_beyond():
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=REFUSED):
         torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_fused_gram_is_exact_and_the_ghost_kernels_refuse():
+    generator = torch.Generator().manual_seed(4)
+    table = [[torch.randn(shape, generator=generator, dtype=torch.float64).float().cuda().requires_grad_()
+              for shape in ((33, 5), (7,))] for _ in range(3)]
+    leaves = [t for row in table for t in row]
+    ours = third_derivative(lambda: ops.gram(table).sin().sum(), leaves)
+    theirs = third_derivative(lambda: ops.gram_reference(table).sin().sum(), leaves)
+    for mine, reference in zip(ours, theirs):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    a = torch.randn(5, 9, 4, device="cuda", requires_grad=True)
+    b = torch.randn(5, 9, 3, device="cuda", requires_grad=True)
+    grads = torch.autograd.grad(ops.outer_gram(a, b, "ghost", backend="triton").sum(), (a, b), create_graph=True)
+    with pytest.raises(RuntimeError, match=REFUSED):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), (a, b))
