@@ -3,13 +3,15 @@ floor, interleaved in one process.
 
     python benchmarks/interleaved.py MODEL D [--rounds R] [--batch N] [--width W]
     python benchmarks/interleaved.py MODEL samples [--rounds R] [--batch N] [--width W]
+    python benchmarks/interleaved.py MODEL LOW:HIGH [--rounds R] [--batch N] [--width W]
 
 With D, each round times one training step, one reference iteration, one nio_fast iteration and
 the double-backward floor (workloads.double_backward_floor), in that order, on the same
 model and batch; with ``samples``, a training step, one sample-wise GradCosine evaluation with
 its backward (workloads.samplewise_evaluation), the same with every block recomputed
 (workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
-(workloads.samplewise_half_recomputed_evaluation) and the floor. Every ratio (the speed-up,
+(workloads.samplewise_half_recomputed_evaluation) and the floor; with LOW:HIGH, the reference and
+nio_fast iterations at D = LOW and D = HIGH, for how each grows with D. Every ratio (the speed-up,
 each call in training steps, reference / floor: the speed-up of an iteration at the floor,
 sample-wise / floor) is taken per round and its median and range printed (one JSON line). On
 shared cores the machine's speed drifts by +-30% over minutes, so ratios of cases timed minutes
@@ -19,6 +21,7 @@ machine. This is the command behind the README's interleaved figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -41,6 +44,7 @@ RATIOS = {  # name: (numerator, denominator), per round
     "recompute_steps": ("recompute", "step"), "recompute_over_samplewise": ("recompute", "samplewise"),
     "recompute_half_steps": ("recompute_half", "step"),
     "recompute_half_over_samplewise": ("recompute_half", "samplewise"),
+    "nio_fast_growth": ("nio_fast_high", "nio_fast_low"), "reference_growth": ("reference_high", "reference_low"),
 }
 
 
@@ -50,21 +54,26 @@ def seconds(call) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_rounds(model_name: str, sub_batches: Union[int, str], rounds: int, batch_size: int = 64,
-                       **options) -> dict:
+def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, int]], rounds: int,
+                       batch_size: int = 64, **options) -> dict:
     """Medians and ranges over ``rounds`` of the RATIOS whose calls ran: reference / nio_fast,
     nio_fast, reference and floor in training steps and reference / floor for a D; sample-wise
     and floor in training steps and sample-wise / floor for ``"samples"``."""
     model, batch = make(model_name, **options), images(batch_size)
-    calls = {"step": lambda: training_step(model, batch)}
+    calls = {} if isinstance(sub_batches, tuple) else {"step": lambda: training_step(model, batch)}
     if sub_batches == "samples":
         calls["samplewise"] = lambda: samplewise_evaluation(model, batch)
         calls["recompute"] = lambda: samplewise_recomputed_evaluation(model, batch)
         calls["recompute_half"] = lambda: samplewise_half_recomputed_evaluation(model, batch)
+    elif isinstance(sub_batches, tuple):  # growth with D: the floor does not depend on it
+        for level, chunks in zip(("low", "high"), sub_batches):
+            calls[f"reference_{level}"] = functools.partial(reference_iteration, model, batch, chunks)
+            calls[f"nio_fast_{level}"] = functools.partial(nio_fast_iteration, model, batch, chunks)
     else:
         calls["reference"] = lambda: reference_iteration(model, batch, sub_batches)
         calls["nio_fast"] = lambda: nio_fast_iteration(model, batch, sub_batches)
-    calls["floor"] = lambda: double_backward_floor(model, batch)
+    if not isinstance(sub_batches, tuple):
+        calls["floor"] = lambda: double_backward_floor(model, batch)
     for call in calls.values():  # warm-up: lazy imports, the first call's mode choices
         call()
     times = [{name: seconds(call) for name, call in calls.items()} for _ in range(rounds)]
@@ -79,14 +88,17 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str], rounds: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=sorted(MODELS))
-    parser.add_argument("sub_batches", help="D, or 'samples' for the sample-wise evaluation")
+    parser.add_argument("sub_batches", help="D, 'samples' for the sample-wise evaluation, or LOW:HIGH for the "
+                                            "growth of the iterations' time from D = LOW to D = HIGH")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, help="a ResNet's base width (quick runs shrink it)")
     args = parser.parse_args()
-    if args.sub_batches != "samples" and not args.sub_batches.isdigit():
-        parser.error(f"sub_batches: expected a number of chunks or 'samples', got {args.sub_batches!r}")
-    sub_batches = args.sub_batches if args.sub_batches == "samples" else int(args.sub_batches)
+    levels = args.sub_batches.split(":")
+    if args.sub_batches != "samples" and not (len(levels) in (1, 2) and all(level.isdigit() for level in levels)):
+        parser.error(f"sub_batches: expected a number of chunks, 'samples' or LOW:HIGH, got {args.sub_batches!r}")
+    sub_batches = args.sub_batches if args.sub_batches == "samples" else \
+        int(levels[0]) if len(levels) == 1 else (int(levels[0]), int(levels[1]))
     options = {} if args.width is None else {"width": args.width}
     result = interleaved_rounds(args.model, sub_batches, args.rounds, args.batch, **options)
     print(json.dumps({**result, "machine": harness.machine()}))

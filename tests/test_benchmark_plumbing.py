@@ -295,6 +295,10 @@ def test_interleaved_rounds_report_medians_and_ranges():
                             "recompute_half_steps", "recompute_half_over_samplewise"}
     assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
+    growth = interleaved.interleaved_rounds("resnet20_gn", (2, 4), rounds=2, batch_size=8, width=4)
+    assert set(growth) == {"model", "D", "batch", "rounds", "nio_fast_growth", "reference_growth"}
+    assert 0 < growth["nio_fast_growth"]["min"] <= growth["nio_fast_growth"]["max"]
+
 
 def test_iteration_rows_set_the_floor_beside_every_d_of_its_model():
     rows = [{"model": "m", "batch": 64, "D": d, "implementation": impl, "seconds": seconds, "step_seconds": 0.5}
