@@ -317,7 +317,7 @@ def _add_sampling(parser: argparse.ArgumentParser, defaults: dict[str, Any]) -> 
     parser.add_argument("--recompute", default=None, metavar="CLASS[,CLASS...]",
                         help="module classes of MODEL (by name, e.g. BasicBlock or TransformerEncoderLayer) "
                              "recomputed instead of kept with --sub-batches samples: memory near a training "
-                             "step's for about 1.5x the time (default: none)")
+                             "step's for about 1.3-1.5x the time (default: none)")
 
 
 def build_parser() -> argparse.ArgumentParser:

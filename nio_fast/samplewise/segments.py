@@ -141,8 +141,9 @@ class _Segment(Function):
         call, (x,) = ctx.call, ctx.saved_tensors
         if call.phase.gram:
             call.phase.unreached -= 1
-            if torch.is_grad_enabled():  # a backward with graph: the double backward recomputes it again
-                # The last segment reached keeps its graph; a lone segment would so keep everything.
+            if torch.is_grad_enabled():  # a backward with graph: the double backward needs the segment's
+                # graph, recomputed there; the last segment reached builds it here and keeps it (a lone
+                # segment would so keep everything).
                 keep_graph = call.phase.unreached == 0 and call.phase.calls > 1
                 grad_x, part = _SegmentBackward.apply(call, keep_graph, x, grad_output, *call.params)
             else:
