@@ -19,6 +19,7 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import weakref
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from .recompute import recomputed_exact_gram
 
 if TYPE_CHECKING:
     from ..distributed import DistributedRun
+    from .scale_probes import ScaleProbes
 
 logger = logging.getLogger("nio_fast")
 
@@ -204,7 +206,7 @@ def _loop_is_faster(inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
 
 def per_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                         params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
-                        create_graph: bool):
+                        create_graph: bool, probes: Optional["ScaleProbes"] = None):
     """Chunk gradients without coupling: vmapped where the chunks allow it and are small (or
     on a GPU), else the loop.
 
@@ -227,7 +229,8 @@ def per_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
             _VMAP_VERDICT[model] = f"{type(error).__name__}: {error}"
         logger.info("vmap over chunks not used for %s (%s); looping over chunks instead",
                     type(model).__name__, _VMAP_VERDICT[model])
-    return chunk_gradients(model, inputs, targets, loss_fn, params, bounds, "per_chunk", create_graph)
+    with probes or contextlib.nullcontext():
+        return chunk_gradients(model, inputs, targets, loss_fn, params, bounds, "per_chunk", create_graph)
 
 
 def dense_gradient_table(grads: list[list[Optional[torch.Tensor]]],
@@ -243,11 +246,15 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
                         params: Sequence[torch.Tensor], sub_batches: SubBatches, overlap: float, mode: str,
                         create_graph: bool, backend: str = "auto",
                         distributed: Optional["DistributedRun"] = None,
-                        segments: Sequence[nn.Module] = ()) -> GradCosineResult:
+                        segments: Sequence[nn.Module] = (),
+                        probes: Optional["ScaleProbes"] = None) -> GradCosineResult:
     """GradCosine of one batch; the caller has already put the model in NIO's modes.
 
     With ``distributed``, ``inputs`` is this rank's part of the global batch: it forms its
-    D / W chunks and the Gram covers every rank's (``nio_fast.distributed``).
+    D / W chunks and the Gram covers every rank's (``nio_fast.distributed``). ``probes``
+    (NIO's iteration): entered around the forwards and chunk backwards of the loop over
+    chunks and of ``"exact"``, whose graphs it can route (``scale_probes``); the other paths
+    leave every probe unused.
     """
     chunks_here = chunks_for(sub_batches, num_samples(inputs)) if distributed is None else distributed.local_chunks
     bounds = chunk_bounds(num_samples(inputs), chunks_here, overlap)
@@ -270,9 +277,10 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
         if result is not None:
             return result
     if mode == "per_chunk":
-        grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph)
+        grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph, probes)
     else:
-        grads = chunk_gradients(model, inputs, targets, loss_fn, params, bounds, mode, create_graph)
+        with probes or contextlib.nullcontext():
+            grads = chunk_gradients(model, inputs, targets, loss_fn, params, bounds, mode, create_graph)
     if distributed is not None:
         gram = distributed.gram(grads)  # the sharded exchange; None entries count as zeros
         bounds = distributed.chunk_ranges(bounds)

@@ -37,6 +37,9 @@ class IterationOutcome:
     """CONSTRAINT or OBJECTIVE (an int, or a 0-dim device tensor: no sync needed)."""
     stats: dict[str, torch.Tensor]
     """0-dim tensors recorded in the history; each must be finite for the step to apply."""
+    projected: Optional[torch.Tensor] = None
+    """[P] <dJ/dtheta_p, theta_p> of the tensors whose ``grads`` entry a probe took instead
+    (``scale_probes``), 0 elsewhere; None when there are none."""
 
 
 IterationFn = Callable[[int], IterationOutcome]
@@ -47,7 +50,7 @@ def scale_state_dtype(params: Sequence[torch.Tensor]) -> torch.dtype:
     return torch.float32 if params[0].device.type == "mps" else torch.float64
 
 
-def _scale_gradients(iteration: IterationFn, index: int, initial: Sequence[torch.Tensor],
+def _scale_gradients(iteration: IterationFn, index: int, initial: Sequence[torch.Tensor], scales: torch.Tensor,
                      distributed: Optional["DistributedRun"]) -> tuple[IterationOutcome, torch.Tensor,
                                                                        Optional[torch.Tensor]]:
     """One iteration's outcome and its scale gradients s (NIO.md step 3).
@@ -56,12 +59,18 @@ def _scale_gradients(iteration: IterationFn, index: int, initial: Sequence[torch
     [W] failure flags of the iteration (also returned) riding along; a rank that raises in here
     still takes part in the iteration's remaining collectives.
     """
+    def local(outcome: IterationOutcome) -> torch.Tensor:
+        s = scale_gradients(outcome.grads, initial)
+        if outcome.projected is not None:  # <dJ/dtheta_p, theta_p> / alpha_p = <dJ/dtheta_p, theta0_p>
+            s = s + (outcome.projected.to(scales) / scales).to(s)
+        return s
+
     if distributed is None:
         outcome = iteration(index)
-        return outcome, scale_gradients(outcome.grads, initial), None
+        return outcome, local(outcome), None
     with distributed.nio_step():
         outcome = iteration(index)
-        grads, flags = distributed.reduce_scale_gradients(scale_gradients(outcome.grads, initial))
+        grads, flags = distributed.reduce_scale_gradients(local(outcome))
     return outcome, grads, flags
 
 
@@ -88,7 +97,7 @@ def run_scale_search(method: str, model: nn.Module, names: Sequence[str], params
     try:
         with nio_modes(model, second_order_only=True):  # NIO and GradInit: gradients of gradients, no more
             for index in range(iters):
-                outcome, grads, flags = _scale_gradients(iteration, index, initial, distributed)
+                outcome, grads, flags = _scale_gradients(iteration, index, initial, optimizer.scales, distributed)
                 proposal = optimizer.propose(grads, outcome.kind)
                 del outcome.grads  # frees the iteration's graphs before the next forward
                 names_in_order = list(outcome.stats)

@@ -1,0 +1,149 @@
+"""Scale gradients of linear and convolution weights from probes, in NIO's iteration.
+
+NIO's double backward needs <dJ/dtheta_p, theta0_p> per tensor, not dJ/dtheta_p; for a weight
+every use of which is a linear layer or a convolution, ``nio_fast.ops.probed_layers`` gives
+<dJ/dtheta_p, theta_p> without the weight-sized products (one matmul or weight-gradient
+convolution per use in the forward and one in the chunk backward). :class:`ScaleProbes` is the
+mode that routes those uses during an evaluation's forwards and notes every other use of a
+weight (any torch call it is passed to, metadata queries aside): such a weight, or one used
+where the mode cannot route it (under torch.func transforms), gets its full gradient as before.
+A probe exists only for tensors whose scale stays positive (not a bias, ``min_scale`` > 0), so
+s_p = <dJ/dtheta_p, theta_p> / alpha_p is defined.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from ..ops import multi_head_attention
+from ..ops.probed_layers import ConvConfig, probed_conv, probed_linear
+
+_CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+PROBED_DTYPES = (torch.float32, torch.float64)
+
+# Calls that read a tensor's metadata: a weight passed to them is not used.
+_METADATA_PROPERTIES = frozenset({"dtype", "device", "shape", "requires_grad", "is_leaf", "ndim", "layout",
+                                  "is_cuda", "is_cpu", "is_nested", "is_sparse", "is_meta", "is_quantized",
+                                  "is_mkldnn", "grad_fn", "names", "is_mps", "is_xpu"})
+_METADATA_METHODS = frozenset({torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.nelement,
+                               torch.Tensor.stride, torch.Tensor.is_contiguous, torch.Tensor.element_size,
+                               torch.Tensor.is_floating_point, torch.Tensor.get_device, torch.Tensor.data_ptr,
+                               torch.Tensor.__len__})
+
+
+# Differentiation itself: the chunk backwards name the weights as what to differentiate by.
+_DIFFERENTIATION = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
+
+
+def _is_metadata(func) -> bool:
+    if func in _METADATA_METHODS or func in _DIFFERENTIATION:
+        return True
+    owner = getattr(func, "__self__", None)  # a property getter: Tensor.<name>.__get__
+    return getattr(func, "__name__", None) == "__get__" and getattr(owner, "__name__", None) in _METADATA_PROPERTIES
+
+
+def _linear_args(input, weight, bias=None):
+    return input, weight, bias
+
+
+def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    return input, weight, bias, stride, padding, dilation, groups
+
+
+def _per_dim(value: Any, dims: int) -> Optional[list[int]]:
+    if isinstance(value, int):
+        return [value] * dims
+    if isinstance(value, (tuple, list)) and len(value) == dims and all(isinstance(v, int) for v in value):
+        return list(value)
+    return None  # "same" / "valid" padding: left to the plain convolution
+
+
+class ScaleProbes(TorchFunctionMode):
+    """One evaluation's probes (see the module docstring); enter it around the forwards and chunk
+    backwards, then differentiate J with respect to :meth:`targets` and read :meth:`split`."""
+
+    def __init__(self, params: Sequence[torch.Tensor], candidates: Sequence[bool]):
+        super().__init__()
+        self.params = list(params)
+        self.index = {id(p): k for k, (p, wanted) in enumerate(zip(params, candidates)) if wanted}
+        self.probes = {k: torch.zeros((), dtype=self.params[k].dtype, device=self.params[k].device,
+                                      requires_grad=True) for k in self.index.values()}
+        self.routed: set[int] = set()
+        self.unprobed: set[int] = set()
+
+    def _touched(self, args, kwargs) -> list[int]:
+        found = []
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, (list, tuple)):
+                found.extend(self.index[id(v)] for v in value if id(v) in self.index)
+            elif id(value) in self.index:
+                found.append(self.index[id(value)])
+        return found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            # The decomposition that issues one F.linear per projection, with this mode re-entered.
+            with self:
+                result = multi_head_attention.multi_head_attention_forward(*args, **kwargs)
+            if result is not NotImplemented:
+                return result
+        touched = self._touched(args, kwargs)
+        if not touched or _is_metadata(func) or not torch.is_grad_enabled():
+            return func(*args, **kwargs)  # (a use without a graph adds nothing to any gradient)
+        routed = self._route(func, args, kwargs) if not torch._C._are_functorch_transforms_active() else None
+        if routed is not None:
+            weight_index, output = routed
+            self.routed.add(weight_index)
+            touched.remove(weight_index)
+            self.unprobed.update(touched)  # (a bias that has a probe of its own: taken whole)
+            return output
+        self.unprobed.update(touched)
+        return func(*args, **kwargs)
+
+    def _route(self, func, args, kwargs) -> Optional[tuple[int, torch.Tensor]]:
+        if func is F.linear:
+            x, weight, bias = _linear_args(*args, **kwargs)
+            index = self.index.get(id(weight))
+            if index is None or not isinstance(x, torch.Tensor):
+                return None
+            return index, probed_linear(x, weight.view_as(weight), bias, self._probe(index))
+        dims = _CONV_DIMS.get(func)
+        if dims is None:
+            return None
+        x, weight, bias, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+        index = self.index.get(id(weight))
+        numeric = [_per_dim(value, dims) for value in (stride, padding, dilation)]
+        if index is None or any(value is None for value in numeric) or not isinstance(x, torch.Tensor) \
+                or x.dim() != dims + 2:
+            return None
+        config = ConvConfig(dims, *numeric, groups)
+        return index, probed_conv(x, weight.view_as(weight), bias, self._probe(index), config)
+
+    def _probe(self, index: int) -> torch.Tensor:
+        probe = self.probes[index]
+        return probe.view_as(probe)
+
+    def probed(self) -> set[int]:
+        """Tensors whose every use with a graph went through a probed layer."""
+        return self.routed - self.unprobed
+
+    def targets(self) -> list[torch.Tensor]:
+        """What to differentiate J by: the probe of a probed tensor, else the tensor itself."""
+        probed = self.probed()
+        return [self.probes[k] if k in probed else p for k, p in enumerate(self.params)]
+
+    def split(self, grads: Sequence[Optional[torch.Tensor]], dtype: torch.dtype
+              ) -> tuple[list[Optional[torch.Tensor]], Optional[torch.Tensor]]:
+        """(dJ/dtheta_p, None for probed tensors; [P] <dJ/dtheta_p, theta_p>, 0 elsewhere, or
+        None when no tensor was probed) from the gradients of :meth:`targets`."""
+        probed = self.probed()
+        if not probed:
+            return list(grads), None
+        zero = torch.zeros((), dtype=dtype, device=self.params[0].device)
+        projected = torch.stack([grads[k].to(dtype) if k in probed and grads[k] is not None else zero
+                                 for k in range(len(self.params))])
+        return [None if k in probed else g for k, g in enumerate(grads)], projected

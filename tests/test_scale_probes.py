@@ -1,0 +1,230 @@
+"""Probed linear / convolution layers and NIO's scale gradients from probes (nio_fast.ops.probed_layers,
+nio_fast.algorithms.scale_probes) against autograd of the plain layers and the reference NIO."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nio_fast
+from nio_fast.algorithms import scale_probes
+from nio_fast.algorithms.scale_probes import ScaleProbes
+from nio_fast.ops.probed_layers import ConvConfig, probed_conv, probed_linear
+from models import batch_for, make_model
+from reference import reference_nio
+
+TOLERANCE = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=1e-5)}
+
+# (name, input shape, weight shape, layer kwargs): odd sizes, a 3-D linear input, strided, dilated,
+# padded and grouped convolutions.
+CASES = [
+    ("linear_2d", (7, 5), (3, 5), {}),
+    ("linear_3d", (4, 6, 5), (9, 5), {}),
+    ("conv1d", (3, 4, 11), (6, 4, 3), dict(stride=2, padding=1, dilation=1, groups=1)),
+    ("conv2d", (3, 4, 9, 7), (6, 2, 3, 2), dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)),
+    ("conv3d", (2, 2, 5, 4, 5), (3, 2, 2, 2, 3), dict(stride=1, padding=1, dilation=1, groups=1)),
+]
+
+
+def _plain(kind, x, weight, bias, kwargs):
+    if kind.startswith("linear"):
+        return F.linear(x, weight, bias)
+    return {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[x.dim() - 2](x, weight, bias, **kwargs)
+
+
+def _probed(kind, x, weight, bias, probe, kwargs):
+    if kind.startswith("linear"):
+        return probed_linear(x, weight.view_as(weight), bias, probe.view_as(probe))
+    dims = x.dim() - 2
+    per_dim = [list(v) if isinstance(v, tuple) else [v] * dims for v in
+               (kwargs["stride"], kwargs["padding"], kwargs["dilation"])]
+    return probed_conv(x, weight.view_as(weight), bias, probe.view_as(probe), ConvConfig(dims, *per_dim,
+                                                                                           kwargs["groups"]))
+
+
+def _tensors(input_shape, weight_shape, dtype, with_bias):
+    x = torch.randn(input_shape, dtype=dtype, requires_grad=True)
+    weight = torch.randn(weight_shape, dtype=dtype, requires_grad=True)
+    bias = torch.randn(weight_shape[0], dtype=dtype, requires_grad=True) if with_bias else None
+    return x, weight, bias
+
+
+def _second_order(layer, x, weight, bias):
+    """A loss whose gradient depends on the output (so the double backward reaches the forward
+    use), the chunk-like gradients of it with graph, and a function J of those gradients."""
+    y = layer(x, weight, bias)
+    torch.manual_seed(1)
+    targets = torch.randn_like(y)
+    loss = (y * targets).sum() + 0.5 * (y.square() * targets.abs()).sum()
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    grads = torch.autograd.grad(loss, inputs, create_graph=True)
+    weights = [torch.randn_like(g) for g in grads]
+    objective = sum((g * w).sum() + 0.25 * g.square().sum() for g, w in zip(grads, weights))
+    return y, grads, objective
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("kind,input_shape,weight_shape,kwargs", CASES)
+def test_probed_layers_match_autograd(kind, input_shape, weight_shape, kwargs, with_bias, dtype):
+    torch.manual_seed(0)
+    x, weight, bias = _tensors(input_shape, weight_shape, dtype, with_bias)
+    probe = torch.zeros((), dtype=dtype, requires_grad=True)
+    y, grads, objective = _second_order(lambda *a: _plain(kind, *a, kwargs), x, weight, bias)
+    others = [t for t in (x, bias) if t is not None]
+    d_weight, *d_others = torch.autograd.grad(objective, [weight, *others], retain_graph=True)
+
+    def probed_run():
+        return _second_order(lambda *a: _probed(kind, *a, probe, kwargs), x, weight, bias)
+
+    y_probed, grads_probed, objective_probed = probed_run()
+    torch.testing.assert_close(y_probed, y, **TOLERANCE[dtype])
+    for got, expected in zip(grads_probed, grads):  # the gradients a Gram is made of
+        torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    torch.testing.assert_close(objective_probed, objective, **TOLERANCE[dtype])
+    # NIO's double backward: the probe instead of the weight gives <dJ/dW, W>
+    d_probe, *d_others_probed = torch.autograd.grad(objective_probed, [probe, *others])
+    torch.testing.assert_close(d_probe, (d_weight * weight).sum(), **TOLERANCE[dtype])
+    for got, expected in zip(d_others_probed, d_others):
+        torch.testing.assert_close(got, expected, **TOLERANCE[dtype])
+    # asked for, the weight's own gradient is formed as ever (with the probe's, or alone)
+    _, _, objective_probed = probed_run()
+    d_weight_probed, d_probe_again = torch.autograd.grad(objective_probed, [weight, probe])
+    torch.testing.assert_close(d_weight_probed, d_weight, **TOLERANCE[dtype])
+    torch.testing.assert_close(d_probe_again, d_probe, **TOLERANCE[dtype])
+
+
+class _WeightGradients(TorchDispatchMode):
+    """Counts the products (matmuls, convolution backwards) whose result has the weight's shape:
+    weight gradients. (The cotangents of the chunk gradients are weight-shaped too, but they are
+    sums and products of the Gram's cotangent, not such products.)"""
+
+    PRODUCTS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                torch.ops.aten.convolution_backward.default}
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.count = torch.Size(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in self.PRODUCTS:
+            results = out if isinstance(out, (tuple, list)) else (out,)
+            self.count += sum(isinstance(o, torch.Tensor) and o.shape == self.shape for o in results)
+        return out
+
+
+@pytest.mark.parametrize("kind,input_shape,weight_shape,kwargs", [CASES[1], CASES[3]])
+def test_the_double_backward_forms_no_weight_sized_gradient_for_a_probe(kind, input_shape, weight_shape, kwargs):
+    torch.manual_seed(0)
+    x, weight, bias = _tensors(input_shape, weight_shape, torch.float64, True)
+    probe = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    counts = {}
+    for wanted in ("probe", "weight"):
+        _, _, objective = _second_order(lambda *a: _probed(kind, *a, probe, kwargs), x, weight, bias)
+        spy = _WeightGradients(weight_shape)
+        with spy:
+            torch.autograd.grad(objective, [probe if wanted == "probe" else weight, x])
+        counts[wanted] = spy.count
+    assert counts["probe"] == 0
+    assert counts["weight"] >= 2  # the forward use's and the backward use's weight gradients
+
+
+class TwoUses(nn.Module):
+    """fc.weight: a linear layer and a plain matmul; conv.weight: a convolution only; norm: LayerNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.same = nn.Conv2d(4, 4, 3, padding="same")
+        self.fc = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.same(torch.relu(self.conv(x))).mean(dim=(2, 3))
+        h = self.norm(torch.relu(self.fc(h)) + h @ self.fc.weight.t())
+        return self.head(h)
+
+
+def _probe_verdicts(model, batch, **options):
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    probes = ScaleProbes(params, [not n.endswith("bias") for n in names])
+    with probes, torch.enable_grad():
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        torch.autograd.grad(loss, params, create_graph=True, **options)
+    return {names[k] for k in probes.probed()}, {names[k] for k in probes.unprobed}
+
+
+def test_a_weight_used_outside_the_probed_layers_keeps_its_full_gradient():
+    torch.manual_seed(0)
+    model = TwoUses().double()
+    batch = (torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    probed, unprobed = _probe_verdicts(model, batch)
+    assert probed == {"conv.weight", "head.weight"}
+    assert unprobed == {"fc.weight", "norm.weight", "same.weight"}  # a matmul, LayerNorm, padding="same"
+
+
+def test_vmap_and_no_grad_uses_are_not_probed():
+    model = nn.Linear(3, 2).double()
+    params = list(model.parameters())
+    probes = ScaleProbes(params, [True, False])
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with probes:
+        with torch.no_grad():
+            model(x)
+        assert not probes.routed and not probes.unprobed  # no graph: no gradient to take
+        torch.func.vmap(model)(x[:, None])
+    assert probes.unprobed == {0} and not probes.probed()
+
+
+def _spy_probed(monkeypatch):
+    seen = []
+    split = ScaleProbes.split
+
+    def recording(self, grads, dtype):
+        seen.append(len(self.probed()))
+        return split(self, grads, dtype)
+    monkeypatch.setattr(scale_probes.ScaleProbes, "split", recording)
+    return seen
+
+
+@pytest.mark.parametrize("name,mode", [("mlp", "per_chunk"), ("gn_resnet", "per_chunk"), ("transformer", "per_chunk"),
+                                       ("odd", "per_chunk"), ("bn_cnn", "exact")])
+def test_nio_with_probes_matches_reference(monkeypatch, name, mode):
+    seen = _spy_probed(monkeypatch)
+    batches = [batch_for(name, 16) for _ in range(2)]
+    model, twin = make_model(name), make_model(name)
+    names = [n for n, p in twin.named_parameters() if p.requires_grad]
+    params = [p for p in twin.parameters() if p.requires_grad]
+    expected, history = reference_nio(twin, batches, F.cross_entropy, names, params, iters=4, sub_batches=3,
+                                      overlap=0.25)
+    report = nio_fast.initialize(model, batches, iters=4, sub_batches=3, overlap=0.25, mode=mode, progress=False)
+    assert seen and all(count > 0 for count in seen), "the probes should have taken some weights"
+    torch.testing.assert_close(torch.tensor([report.scales[n] for n in names]), torch.tensor(expected),
+                               rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(torch.tensor([h["gradcosine"] for h in report.history]),
+                               torch.tensor([h["gradcosine"] for h in history]), rtol=1e-8, atol=1e-12)
+
+
+def test_nio_fp32_with_probes_matches_reference_within_1e4(monkeypatch):
+    seen = _spy_probed(monkeypatch)
+    batches = [batch_for("gn_resnet", 16, dtype=torch.float32) for _ in range(2)]
+    model, twin = make_model("gn_resnet", torch.float32), make_model("gn_resnet", torch.float32)
+    names = [n for n, _ in twin.named_parameters()]
+    expected, _ = reference_nio(twin, batches, F.cross_entropy, names, list(twin.parameters()), iters=4,
+                                sub_batches=2, overlap=0.25)
+    report = nio_fast.initialize(model, batches, iters=4, overlap=0.25, mode="per_chunk", progress=False)
+    assert seen and all(count > 0 for count in seen)
+    torch.testing.assert_close(torch.tensor([report.scales[n] for n in names]), torch.tensor(expected),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_min_scale_zero_takes_every_gradient_whole(monkeypatch):
+    seen = _spy_probed(monkeypatch)
+    nio_fast.initialize(make_model("mlp"), batch_for("mlp", 16), iters=1, sub_batches=2, mode="per_chunk",
+                        min_scale=0.0, progress=False)
+    assert not seen  # a scale that may reach 0 has no s_p = <g, theta> / alpha: no probes at all
