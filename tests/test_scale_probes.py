@@ -168,17 +168,19 @@ def test_a_weight_used_outside_the_probed_layers_keeps_its_full_gradient():
     assert unprobed == {"fc.weight", "norm.weight", "same.weight"}  # a matmul, LayerNorm, padding="same"
 
 
-def test_vmap_and_no_grad_uses_are_not_probed():
+@pytest.mark.parametrize("use", ["vmap", "no_grad"])
+def test_vmapped_and_graphless_uses_are_not_probed(use):
     model = nn.Linear(3, 2).double()
-    params = list(model.parameters())
-    probes = ScaleProbes(params, [True, False])
+    probes = ScaleProbes(list(model.parameters()), [True, False])
     x = torch.randn(4, 3, dtype=torch.float64)
     with probes:
-        with torch.no_grad():
-            model(x)
-        assert not probes.routed and not probes.unprobed  # no graph: no gradient to take
-        torch.func.vmap(model)(x[:, None])
-    assert probes.unprobed == {0} and not probes.probed()
+        model(x)
+        if use == "vmap":
+            torch.func.vmap(model)(x[:, None])
+        else:  # a recomputed segment's first run: its recomputation runs outside the mode
+            with torch.no_grad():
+                model(x)
+    assert probes.routed == {0} and probes.unprobed == {0} and not probes.probed()
 
 
 def _spy_probed(monkeypatch):
@@ -228,3 +230,20 @@ def test_min_scale_zero_takes_every_gradient_whole(monkeypatch):
     nio_fast.initialize(make_model("mlp"), batch_for("mlp", 16), iters=1, sub_batches=2, mode="per_chunk",
                         min_scale=0.0, progress=False)
     assert not seen  # a scale that may reach 0 has no s_p = <g, theta> / alpha: no probes at all
+
+
+@pytest.mark.parametrize("name", ["conv_zoo", "token_transformer"])
+def test_samplewise_nio_with_probes_matches_reference(monkeypatch, name):
+    """The factors engine records the layers above the probes: its per-sample Gram and the probes'
+    scale gradients together take the reference's steps (D = N)."""
+    from samplewise_models import make_zoo_model, zoo_batch
+    seen = _spy_probed(monkeypatch)
+    model, twin = make_zoo_model(name, torch.float64, seed=3), make_zoo_model(name, torch.float64, seed=3)
+    batch = zoo_batch(name, 6, torch.float64)
+    names = [n for n, p in twin.named_parameters() if p.requires_grad]
+    params = [p for p in twin.parameters() if p.requires_grad]
+    report = nio_fast.initialize(model, batch, sub_batches="samples", iters=3, gamma=5.0, progress=False)
+    reference_nio(twin, [batch], F.cross_entropy, names, params, iters=3, sub_batches=len(batch[1]), gamma=5.0)
+    assert seen and all(count > 0 for count in seen)
+    for (n, mine), theirs in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-12, msg=n)

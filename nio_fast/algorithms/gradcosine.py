@@ -263,7 +263,8 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
         raise ValueError(f"recompute: segments are recomputed by the factors mode only (sub_batches='samples' "
                          f"or mode='factors' on a model without batch coupling); this evaluation runs {mode!r}")
     if mode == "factors":
-        return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph, segments)
+        with probes or contextlib.nullcontext():
+            return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph, segments)
     if mode == "exact_recompute":
         if distributed is not None:
             raise ValueError("mode: 'exact_recompute' does not run under torch.distributed yet (use 'exact')")
@@ -273,7 +274,8 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
             return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), mode)
         mode = "exact"
     if requested == "auto" and mode == "per_chunk" and distributed is None and _factors_replace_loop(model, bounds):
-        result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
+        with probes or contextlib.nullcontext():
+            result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
         if result is not None:
             return result
     if mode == "per_chunk":

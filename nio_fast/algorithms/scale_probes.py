@@ -92,9 +92,12 @@ class ScaleProbes(TorchFunctionMode):
             if result is not NotImplemented:
                 return result
         touched = self._touched(args, kwargs)
-        if not touched or _is_metadata(func) or not torch.is_grad_enabled():
-            return func(*args, **kwargs)  # (a use without a graph adds nothing to any gradient)
-        routed = self._route(func, args, kwargs) if not torch._C._are_functorch_transforms_active() else None
+        if not touched or _is_metadata(func):
+            return func(*args, **kwargs)
+        # Not routed: under torch.func transforms, and without a graph (a recomputed segment's first
+        # run, whose recomputation later runs outside this mode).
+        routed = (self._route(func, args, kwargs)
+                  if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() else None)
         if routed is not None:
             weight_index, output = routed
             self.routed.add(weight_index)

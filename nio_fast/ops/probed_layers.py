@@ -101,27 +101,30 @@ class _ProbedLinearBackward(Function):
 
     @staticmethod
     def forward(ctx, grad_out, x, weight, probe, wanted):
-        ctx.save_for_backward(grad_out, x, weight, probe)
-        rows = _rows(grad_out)
+        # The rows are what is saved: a transposed grad_out is copied into them once, not again
+        # in the double backward (PyTorch's matmul keeps its folded 2-D operands the same way).
+        rows, x_rows = _rows(grad_out), _rows(x)
+        ctx.save_for_backward(rows, x_rows, weight, probe)
+        ctx.shapes = grad_out.shape, x.shape
         want_x, want_w, want_b = wanted
-        return ((rows @ weight).view(x.shape) if want_x else None, rows.T @ _rows(x) if want_w else None,
+        return ((rows @ weight).view(x.shape) if want_x else None, rows.T @ x_rows if want_w else None,
                 rows.sum(0) if want_b else None)
 
     @staticmethod
     @first_order
     def backward(ctx, cot_x, cot_w, cot_b):
-        grad_out, x, weight, probe = ctx.saved_tensors
-        rows, x_rows = _rows(grad_out), _rows(x)
+        rows, x_rows, weight, probe = ctx.saved_tensors
+        grad_out_shape, x_shape = ctx.shapes
         part = _rows(cot_x) @ weight.T if cot_x is not None else None  # [R, out]: through grad_x = dy W
         d_p = _dot(rows, part) if part is not None and _wanted(ctx, 3) else None
         d_w = rows.T @ _rows(cot_x) if cot_x is not None and _wanted(ctx, 2) else None
-        d_x = (rows @ cot_w).view(x.shape) if cot_w is not None and ctx.needs_input_grad[1] else None
+        d_x = (rows @ cot_w).view(x_shape) if cot_w is not None and ctx.needs_input_grad[1] else None
         d_grad_out = part  # the other terms are added into it (a fresh tensor no one else holds)
         if cot_w is not None:
             d_grad_out = x_rows @ cot_w.T if d_grad_out is None else d_grad_out.addmm_(x_rows, cot_w.T)
         if cot_b is not None:
             d_grad_out = cot_b.expand_as(rows) if d_grad_out is None else d_grad_out.add_(cot_b)
-        return (None if d_grad_out is None else d_grad_out.view(grad_out.shape), d_x, d_w, d_p, None)
+        return (None if d_grad_out is None else d_grad_out.view(grad_out_shape), d_x, d_w, d_p, None)
 
 
 def probed_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], probe: Tensor) -> Tensor:
