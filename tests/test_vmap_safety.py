@@ -79,9 +79,5 @@ def test_chunks_of_sixteen_samples_or_more_loop_on_the_cpu_instead_of_vmap():
     torch.testing.assert_close(looped.value, exact.value, rtol=1e-10, atol=1e-12)
     for a, b in zip(torch.autograd.grad(looped.value, params), torch.autograd.grad(exact.value, params)):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
-    nio_fast.gradcosine(model, batch, sub_batches=8)  # 4 samples per chunk: vmap
+    nio_fast.gradcosine(model, batch, sub_batches=4)  # 8 samples per chunk: vmap
     assert engine._VMAP_VERDICT.get(model) is True
-    # once vmap is known to run the model, chunks of 8 loop (NIO's probes make the loop faster)
-    assert engine._loop_is_faster(model, batch[0], engine.chunk_bounds(32, 4, 0.0))
-    assert not engine._loop_is_faster(model, batch[0], engine.chunk_bounds(32, 8, 0.0))
-    assert not engine._loop_is_faster(nn.Linear(2, 2), batch[0], engine.chunk_bounds(32, 4, 0.0))

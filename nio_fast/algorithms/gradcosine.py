@@ -8,8 +8,7 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
 - ``"per_chunk"``: forward each chunk on its own; each backward then walks only that chunk's
   activations instead of the whole batch's, so D gradients cost about one training step.
   Small equal chunks go through ``torch.func.vmap`` over the chunks (one batched forward and
-  backward instead of D small ones); chunks of 16 samples or more on the CPU (8 or more, once
-  vmap is known to run the model: the loop's probes win there), and models vmap
+  backward instead of D small ones); chunks of 16 samples or more on the CPU, and models vmap
   cannot run, loop over chunks;
 - ``"factors"``: the per-sample Gram from layer factors (``nio_fast.samplewise``: one
   forward, one backward), reduced to the chunks' Gram by their averaging weights, or, for
@@ -197,19 +196,12 @@ def vmapped_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn
 # the calls: the loop takes 3.5 / 3.6 steps at 32 / 16 samples per chunk against vmap's 4.5 / 4.6,
 # ties at 8 (5.0 / 4.9) and loses at 4 (6.9 / 4.7). A small MLP: 5.8 ms against 8.2 at 32.
 _LOOP_FROM_CHUNK_SAMPLES = 16
-# In NIO's iteration the loop's weights take their scale gradients from probes (scale_probes),
-# which vmap cannot route: on a model vmap is known to run, at 8 samples per chunk the loop then
-# took 0.91x vmap's time (GroupNorm ResNet-20, 5 interleaved rounds), at 4 still 1.46x. (Where vmap
-# is refused, "factors" is the alternative, and at 8 samples per chunk it took 0.79x the loop's
-# time on the small ViT: that threshold stays.)
-_LOOP_OVER_VMAP_FROM_CHUNK_SAMPLES = 8
 
 
-def _loop_is_faster(model: nn.Module, inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
+def _loop_is_faster(inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
     first = first_tensor(inputs)
     on_cpu = first is None or first.device.type == "cpu"
-    threshold = _LOOP_OVER_VMAP_FROM_CHUNK_SAMPLES if _VMAP_VERDICT.get(model) is True else _LOOP_FROM_CHUNK_SAMPLES
-    return on_cpu and min(end - start for start, end in bounds) >= threshold
+    return on_cpu and min(end - start for start, end in bounds) >= _LOOP_FROM_CHUNK_SAMPLES
 
 
 def per_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
@@ -221,7 +213,7 @@ def per_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     Returns either layout ``ops.gram`` takes: [D, ...] per parameter, or D lists of P.
     """
     verdict = _VMAP_VERDICT.get(model)
-    if equal_chunks(bounds) and verdict in (None, True) and not _loop_is_faster(model, inputs, bounds):
+    if equal_chunks(bounds) and verdict in (None, True) and not _loop_is_faster(inputs, bounds):
         try:
             if verdict is True:
                 return vmapped_chunk_gradients(model, inputs, targets, loss_fn, params, len(bounds), create_graph)
