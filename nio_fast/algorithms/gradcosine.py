@@ -252,9 +252,9 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
 
     With ``distributed``, ``inputs`` is this rank's part of the global batch: it forms its
     D / W chunks and the Gram covers every rank's (``nio_fast.distributed``). ``probes``
-    (NIO's iteration): entered around the forwards and chunk backwards of the loop over
-    chunks and of ``"exact"``, whose graphs it can route (``scale_probes``); the other paths
-    leave every probe unused.
+    (NIO's iteration): entered around the forwards and backwards of the loop over chunks,
+    ``"exact"`` and ``"factors"``, whose graphs it can route (``scale_probes``); vmap and
+    ``"exact_recompute"`` leave every probe unused.
     """
     chunks_here = chunks_for(sub_batches, num_samples(inputs)) if distributed is None else distributed.local_chunks
     bounds = chunk_bounds(num_samples(inputs), chunks_here, overlap)

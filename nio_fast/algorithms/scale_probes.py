@@ -6,7 +6,8 @@ every use of which is a linear layer or a convolution, ``nio_fast.ops.probed_lay
 convolution per use in the forward and one in the chunk backward). :class:`ScaleProbes` is the
 mode that routes those uses during an evaluation's forwards and notes every other use of a
 weight (any torch call it is passed to, metadata queries aside): such a weight, or one used
-where the mode cannot route it (under torch.func transforms), gets its full gradient as before.
+where the mode cannot route it (under torch.func transforms, or without a graph: a recomputed
+segment's first run, recomputed later outside the mode), gets its full gradient as before.
 A probe exists only for tensors whose scale stays positive (not a bias, ``min_scale`` > 0), so
 s_p = <dJ/dtheta_p, theta_p> / alpha_p is defined.
 """
@@ -38,7 +39,8 @@ _METADATA_METHODS = frozenset({torch.Tensor.dim, torch.Tensor.size, torch.Tensor
 _DIFFERENTIATION = frozenset({torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward})
 
 
-def _is_metadata(func) -> bool:
+def _not_a_use(func) -> bool:
+    """A call that reads a weight's metadata or differentiates by it, without using its values."""
     if func in _METADATA_METHODS or func in _DIFFERENTIATION:
         return True
     owner = getattr(func, "__self__", None)  # a property getter: Tensor.<name>.__get__
@@ -92,7 +94,7 @@ class ScaleProbes(TorchFunctionMode):
             if result is not NotImplemented:
                 return result
         touched = self._touched(args, kwargs)
-        if not touched or _is_metadata(func):
+        if not touched or _not_a_use(func):
             return func(*args, **kwargs)
         # Not routed: under torch.func transforms, and without a graph (a recomputed segment's first
         # run, whose recomputation later runs outside this mode).
