@@ -10,7 +10,8 @@ the double-backward floor (workloads.double_backward_floor), in that order, on t
 model and batch; with ``samples``, a training step, one sample-wise GradCosine evaluation with
 its backward (workloads.samplewise_evaluation), the same with every block recomputed
 (workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
-(workloads.samplewise_half_recomputed_evaluation) and the floor; with LOW:HIGH, the reference and
+(workloads.samplewise_half_recomputed_evaluation), one sample-wise NIO iteration and the floor;
+with LOW:HIGH, the reference and
 nio_fast iterations at D = LOW and D = HIGH, for how each grows with D. Every ratio (the speed-up,
 each call in training steps, reference / floor: the speed-up of an iteration at the floor,
 sample-wise / floor) is taken per round and its median and range printed (one JSON line). On
@@ -44,6 +45,7 @@ RATIOS = {  # name: (numerator, denominator), per round
     "recompute_steps": ("recompute", "step"), "recompute_over_samplewise": ("recompute", "samplewise"),
     "recompute_half_steps": ("recompute_half", "step"),
     "recompute_half_over_samplewise": ("recompute_half", "samplewise"),
+    "nio_samples_steps": ("nio_samples", "step"), "nio_samples_over_samplewise": ("nio_samples", "samplewise"),
     "nio_fast_growth": ("nio_fast_high", "nio_fast_low"), "reference_growth": ("reference_high", "reference_low"),
 }
 
@@ -65,6 +67,9 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, 
         calls["samplewise"] = lambda: samplewise_evaluation(model, batch)
         calls["recompute"] = lambda: samplewise_recomputed_evaluation(model, batch)
         calls["recompute_half"] = lambda: samplewise_half_recomputed_evaluation(model, batch)
+        # NIO's own sample-wise iteration: its double backward takes the scale gradients only
+        # (linear and convolution weights' from probes), where the evaluation forms every gradient.
+        calls["nio_samples"] = lambda: nio_fast_iteration(model, batch, "samples")
     elif isinstance(sub_batches, tuple):  # growth with D: the floor does not depend on it
         for level, chunks in zip(("low", "high"), sub_batches):
             calls[f"reference_{level}"] = functools.partial(reference_iteration, model, batch, chunks)

@@ -292,7 +292,8 @@ def test_interleaved_rounds_report_medians_and_ranges():
     samples = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=2, batch_size=4, width=4)
     assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",
                             "samplewise_over_floor", "recompute_steps", "recompute_over_samplewise",
-                            "recompute_half_steps", "recompute_half_over_samplewise"}
+                            "recompute_half_steps", "recompute_half_over_samplewise", "nio_samples_steps",
+                            "nio_samples_over_samplewise"}
     assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
     growth = interleaved.interleaved_rounds("resnet20_gn", (2, 4), rounds=2, batch_size=8, width=4)

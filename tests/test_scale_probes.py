@@ -96,6 +96,20 @@ def test_probed_layers_match_autograd(kind, input_shape, weight_shape, kwargs, w
     torch.testing.assert_close(d_probe_again, d_probe, **TOLERANCE[dtype])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind,input_shape,weight_shape,kwargs", [CASES[1], CASES[3]])
+def test_probed_layers_on_cuda(kind, input_shape, weight_shape, kwargs):
+    torch.manual_seed(0)
+    x, weight, bias = (t.detach().cuda().requires_grad_() for t in _tensors(input_shape, weight_shape,
+                                                                             torch.float64, True))
+    probe = torch.zeros((), dtype=torch.float64, device="cuda", requires_grad=True)
+    _, _, objective = _second_order(lambda *a: _plain(kind, *a, kwargs), x, weight, bias)
+    d_weight = torch.autograd.grad(objective, weight)[0]
+    _, _, objective = _second_order(lambda *a: _probed(kind, *a, probe, kwargs), x, weight, bias)
+    torch.testing.assert_close(torch.autograd.grad(objective, probe)[0], (d_weight * weight).sum(),
+                               **TOLERANCE[torch.float64])
+
+
 class _WeightGradients(TorchDispatchMode):
     """Counts the products (matmuls, convolution backwards) whose result has the weight's shape:
     weight gradients. (The cotangents of the chunk gradients are weight-shaped too, but they are
