@@ -182,17 +182,20 @@ def test_a_weight_used_outside_the_probed_layers_keeps_its_full_gradient():
     assert unprobed == {"fc.weight", "norm.weight", "same.weight"}  # a matmul, LayerNorm, padding="same"
 
 
-@pytest.mark.parametrize("use", ["vmap", "no_grad"])
-def test_vmapped_and_graphless_uses_are_not_probed(use):
-    model = nn.Linear(3, 2).double()
+@pytest.mark.parametrize("use", ["vmap", "no_grad", "autocast"])
+def test_vmapped_graphless_and_autocast_uses_are_not_probed(use):
+    model = nn.Linear(3, 2)
     probes = ScaleProbes(list(model.parameters()), [True, False])
-    x = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(4, 3)
     with probes:
         model(x)
         if use == "vmap":
             torch.func.vmap(model)(x[:, None])
-        else:  # a recomputed segment's first run: its recomputation runs outside the mode
+        elif use == "no_grad":  # a recomputed segment's first run: its recomputation runs outside the mode
             with torch.no_grad():
+                model(x)
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
                 model(x)
     assert probes.routed == {0} and probes.unprobed == {0} and not probes.probed()
 

@@ -14,8 +14,10 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
   forward, one backward), reduced to the chunks' Gram by their averaging weights, or, for
   linear and convolution weights where cheaper, their chunk gradients reduced straight from
   the chunks' rows. It is how ``sub_batches="samples"`` (D = N) runs by default, and
-  what ``"auto"`` takes instead of the per_chunk LOOP (not instead of vmap) when every
-  parameter has a factor rule and the chunk loss is the mean of its samples' losses.
+  what ``"auto"`` takes instead of the per_chunk LOOP where the loop runs because vmap cannot
+  (unequal chunks, a model vmap refuses; not instead of vmap, nor of the loop chosen for chunks
+  of 16+ samples on the CPU) when every parameter has a factor rule and the chunk loss is the
+  mean of its samples' losses.
 """
 from __future__ import annotations
 

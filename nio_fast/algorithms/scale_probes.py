@@ -47,6 +47,10 @@ def _not_a_use(func) -> bool:
     return getattr(func, "__name__", None) == "__get__" and getattr(owner, "__name__", None) in _METADATA_PROPERTIES
 
 
+def _autocasting() -> bool:
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
 def _linear_args(input, weight, bias=None):
     return input, weight, bias
 
@@ -79,8 +83,9 @@ class ScaleProbes(TorchFunctionMode):
     def _touched(self, args, kwargs) -> list[int]:
         found = []
         for value in (*args, *kwargs.values()):
-            if isinstance(value, (list, tuple)):
-                found.extend(self.index[id(v)] for v in value if id(v) in self.index)
+            if isinstance(value, (list, tuple, dict)):  # one level down: torch.cat([w, ...]), dicts
+                found.extend(self.index[id(v)] for v in (value.values() if isinstance(value, dict) else value)
+                             if id(v) in self.index)
             elif id(value) in self.index:
                 found.append(self.index[id(value)])
         return found
@@ -96,10 +101,12 @@ class ScaleProbes(TorchFunctionMode):
         touched = self._touched(args, kwargs)
         if not touched or _not_a_use(func):
             return func(*args, **kwargs)
-        # Not routed: under torch.func transforms, and without a graph (a recomputed segment's first
-        # run, whose recomputation later runs outside this mode).
+        # Not routed: under torch.func transforms, without a graph (a recomputed segment's first
+        # run, whose recomputation later runs outside this mode) and under autocast (whose casts
+        # the probed layers' backwards would not repeat).
         routed = (self._route(func, args, kwargs)
-                  if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active() else None)
+                  if torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+                  and not _autocasting() else None)
         if routed is not None:
             weight_index, output = routed
             self.routed.add(weight_index)
