@@ -159,10 +159,6 @@ class ConvConfig:
         return tuple(result if wanted else None for result, wanted in zip(results, mask))
 
 
-def _channel_sums(grad_out: Tensor) -> Tensor:
-    return grad_out.sum([0, *range(2, grad_out.dim())])
-
-
 def _channels(bias_grad: Tensor, like: Tensor) -> Tensor:
     return bias_grad.view(1, -1, *([1] * (like.dim() - 2)))
 
