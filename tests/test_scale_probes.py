@@ -264,3 +264,30 @@ def test_samplewise_nio_with_probes_matches_reference(monkeypatch, name):
     assert report.iterations == 3 and seen and all(count > 0 for count in seen)
     for (n, mine), theirs in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(mine, theirs, rtol=1e-8, atol=1e-12, msg=n)
+
+
+def test_a_bias_scale_at_its_bound_zero_adds_nothing_to_the_probed_scale_gradients():
+    """The probes' part is 0 for every tensor they did not take; a bias whose scale reached 0 must
+    add 0 there, not 0 / 0 (which stopped the demo's NIO run at iteration 49 with a non-finite step)."""
+    from nio_fast.algorithms.scale_search import IterationOutcome, _scale_gradients
+    initial = [torch.randn(3, dtype=torch.float64), torch.randn(2, dtype=torch.float64)]
+    gradient = torch.randn(2, dtype=torch.float64)
+    scales = torch.tensor([0.5, 0.0], dtype=torch.float64)  # the weight's probe; the bias at its bound
+
+    def iteration(index):
+        return IterationOutcome([None, gradient], 1, {}, torch.tensor([2.0, 0.0], dtype=torch.float64))
+    _, s, _ = _scale_gradients(iteration, 0, initial, scales, None)
+    torch.testing.assert_close(s, torch.stack([torch.tensor(4.0, dtype=torch.float64),
+                                               (gradient * initial[1]).sum()]))
+
+
+def test_the_demo_setting_runs_every_iteration_with_probes():
+    """make demo's NIO on its CNN, seed 0."""
+    from nio_fast.data import digits_loader
+    from nio_fast.models import digits_cnn
+    torch.manual_seed(0)
+    model = digits_cnn(channels=16)
+    data = digits_loader("train", "image", batch_size=64, seed=5000, drop_last=True)  # the demo's seed 0
+    report = nio_fast.initialize(model, data, iters=60, gamma=5.0, progress=False, seed=0)
+    # a bias scale reaches its bound 0 on the way (iteration 49 stopped with a 0 / 0 before the fix)
+    assert report.iterations == 60 and report.stop_reason is None

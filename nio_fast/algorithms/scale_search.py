@@ -62,7 +62,10 @@ def _scale_gradients(iteration: IterationFn, index: int, initial: Sequence[torch
     def local(outcome: IterationOutcome) -> torch.Tensor:
         s = scale_gradients(outcome.grads, initial)
         if outcome.projected is not None:  # <dJ/dtheta_p, theta_p> / alpha_p = <dJ/dtheta_p, theta0_p>
-            s = s + (outcome.projected.to(scales) / scales).to(s)
+            projected = outcome.projected.to(scales)
+            # Only probed tensors have a nonzero part, and their scales stay >= min_scale > 0; a bias
+            # whose scale reached its bound 0 must add 0 here, not 0 / 0.
+            s = s + torch.where(projected != 0, projected / scales, torch.zeros_like(projected)).to(s)
         return s
 
     if distributed is None:
