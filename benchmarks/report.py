@@ -392,9 +392,11 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "(forward + backward) on the same batch, timed between the rounds of the same "
                             "case (step s: those of nio_fast's); floor: one forward, one backward with graph and "
                             "one double backward over the whole batch, of ||g||^2 under NIO's modes "
-                            "(workloads.double_backward_floor), what any exact iteration on a coupling-free "
-                            "model pays at least (one per model and N; a BatchNorm model in exact mode needs D "
-                            "such backward passes); reference / floor: the speed-up of an iteration at the floor. "
+                            "(workloads.double_backward_floor), what an exact iteration that forms every parameter's "
+                            "gradient pays at least on a coupling-free model (NIO's, whose linear and convolution "
+                            "weights' scale gradients come from probes, can come in under it; one per model and "
+                            "N; a BatchNorm model in exact mode needs D such backward passes); reference / floor: "
+                            "the speed-up of an iteration at the floor. "
                             "exact_recompute: nio_fast with mode='exact_recompute' (BatchNorm, one chunk graph in "
                             "memory at a time), its time over the reference's.\n\n" + _growth_notes(table))
         _plot_iteration(table)

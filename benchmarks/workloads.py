@@ -23,11 +23,14 @@ def training_step(model, batch):
 
 
 def double_backward_floor(model, batch, sub_batches=None):
-    """What any exact NIO iteration pays at least: one forward, one backward with graph and one
-    double backward over the whole batch (D = 1), here of the simplest function of the gradient,
-    ||g||^2, under NIO's modes (nio_fast's own normalisation and attention ops). Chunk gradients,
-    their Gram and the scale update only add to it. (A BatchNorm model in exact mode needs D such
-    backward passes, so for it this is a floor no exact iteration reaches.)"""
+    """What an exact NIO iteration that forms every parameter's gradient pays at least: one
+    forward, one backward with graph and one double backward over the whole batch (D = 1), here
+    of the simplest function of the gradient, ||g||^2, under NIO's modes (nio_fast's own
+    normalisation and attention ops). Chunk gradients, their Gram and the scale update only add to
+    it; NIO's iteration, whose linear and convolution weights' scale gradients come from probes
+    (nio_fast.algorithms.scale_probes), skips their weight gradients and can come in under it.
+    (A BatchNorm model in exact mode needs D such backward passes, so for it this is a floor no
+    exact iteration reaches.)"""
     inputs, targets = batch
     params = trainable(model)
     with nio_modes(model, second_order_only=True):
