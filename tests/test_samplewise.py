@@ -250,7 +250,7 @@ def test_a_rule_that_cannot_parse_a_call_falls_back_to_autograd(monkeypatch):
 
     def broken(*args, **kwargs):
         raise TypeError("an unexpected argument form")
-    monkeypatch.setattr(recorder, "_linear_args", broken)
+    monkeypatch.setattr(recorder, "linear_args", broken)
     model, batch = build("mlp", torch.float64)
     result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
     assert all(route == "autograd" for name, route in result.routes.items() if name.endswith("weight"))

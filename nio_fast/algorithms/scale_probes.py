@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..ops import multi_head_attention
 from ..ops.probed_layers import ConvConfig, probed_conv, probed_linear
+from ..samplewise.recorder import conv_args, linear_args
 
 _CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 PROBED_DTYPES = (torch.float32, torch.float64)
@@ -49,14 +50,6 @@ def _not_a_use(func) -> bool:
 
 def _autocasting() -> bool:
     return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-
-
-def _linear_args(input, weight, bias=None):
-    return input, weight, bias
-
-
-def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    return input, weight, bias, stride, padding, dilation, groups
 
 
 def _per_dim(value: Any, dims: int) -> Optional[list[int]]:
@@ -118,22 +111,24 @@ class ScaleProbes(TorchFunctionMode):
 
     def _route(self, func, args, kwargs) -> Optional[tuple[int, torch.Tensor]]:
         if func is F.linear:
-            x, weight, bias = _linear_args(*args, **kwargs)
+            bound = linear_args(*args, **kwargs)
+            x, weight = bound["input"], bound["weight"]
             index = self.index.get(id(weight))
             if index is None or not isinstance(x, torch.Tensor):
                 return None
-            return index, probed_linear(x, weight.view_as(weight), bias, self._probe(index))
+            return index, probed_linear(x, weight.view_as(weight), bound["bias"], self._probe(index))
         dims = _CONV_DIMS.get(func)
         if dims is None:
             return None
-        x, weight, bias, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+        bound = conv_args(*args, **kwargs)
+        x, weight = bound["input"], bound["weight"]
         index = self.index.get(id(weight))
-        numeric = [_per_dim(value, dims) for value in (stride, padding, dilation)]
+        numeric = [_per_dim(bound[key], dims) for key in ("stride", "padding", "dilation")]
         if index is None or any(value is None for value in numeric) or not isinstance(x, torch.Tensor) \
                 or x.dim() != dims + 2:
             return None
-        config = ConvConfig(dims, *numeric, groups)
-        return index, probed_conv(x, weight.view_as(weight), bias, self._probe(index), config)
+        config = ConvConfig(dims, *numeric, bound["groups"])
+        return index, probed_conv(x, weight.view_as(weight), bound["bias"], self._probe(index), config)
 
     def _probe(self, index: int) -> torch.Tensor:
         probe = self.probes[index]

@@ -55,11 +55,11 @@ class LayerUse:
 # The argument lists of the functional ops with a rule, as PyTorch names them: each returns its
 # arguments as a dict, defaults filled in, however the call passed them (``input`` shadows the
 # builtin, as in torch.nn.functional).
-def _linear_args(input, weight, bias=None) -> dict[str, Any]:
+def linear_args(input, weight, bias=None) -> dict[str, Any]:
     return dict(locals())
 
 
-def _conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict[str, Any]:
+def conv_args(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1) -> dict[str, Any]:
     return dict(locals())
 
 
@@ -165,9 +165,9 @@ class FactorRecorder(TorchFunctionMode):
     def _recognise(self, func, args, kwargs, out) -> "LayerUse | str":
         """The use, or the reason it cannot be factored."""
         if func is F.linear:
-            return self._weighted(LINEAR, _linear_args(*args, **kwargs), out, batched_rank=2)
+            return self._weighted(LINEAR, linear_args(*args, **kwargs), out, batched_rank=2)
         if func in _CONV_FUNCS:
-            bound, dims = _conv_args(*args, **kwargs), _CONV_FUNCS[func]
+            bound, dims = conv_args(*args, **kwargs), _CONV_FUNCS[func]
             config = {key: bound[key] for key in ("stride", "padding", "dilation", "groups")}
             return self._weighted(CONV, bound, out, batched_rank=dims + 2, exact_rank=True,
                                   config={**config, "spatial_dims": dims})
