@@ -8,6 +8,7 @@ from .chunk_reduce import (ChunkWeighting, chunk_gram, chunk_gram_reference, chu
                            chunk_weights)
 from .factor_gram import (OuterGramCost, embedding_gram, embedding_gram_reference, gram_values_unused,
                           gram_values_wanted, outer_gram, outer_gram_cost, outer_gram_reference, outer_gram_route)
+from .pixel_gram import conv_pixel_gram, pixel_gram_cost
 from .gram import as_grad_table, gram, gram_reference
 from .batch_norm import batch_norm, batch_norm_backward_reference, batch_norm_double_backward_reference
 from .fused_calls import fused_calls
@@ -23,6 +24,7 @@ __all__ = ["attention", "attention_reference", "CosineTerms", "as_grad_table", "
            "chunk_weights", "OuterGramCost", "embedding_gram", "embedding_gram_reference",
            "gram_values_unused", "gram_values_wanted",
            "outer_gram", "outer_gram_cost", "outer_gram_reference", "outer_gram_route",
+           "conv_pixel_gram", "pixel_gram_cost",
            "fused_calls", "group_norm", "group_norm_backward_reference", "group_norm_double_backward_reference",
            "group_norm_weight_per_sample",
            "batch_norm", "batch_norm_backward_reference", "batch_norm_double_backward_reference",

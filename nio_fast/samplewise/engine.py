@@ -9,7 +9,8 @@
    N times the batch loss: one loss call instead of N (8% of a GroupNorm ResNet-20 evaluation).
 3. Per parameter, the Gram of its per-sample gradients from those factors, by the cheaper
    exact route: ``ghost`` / ``materialize`` (``nio_fast.ops.outer_gram``) for linear and
-   convolution weights, ``embedding`` for an embedding table used once, ``vectors`` (per-sample
+   convolution weights, or ``pixel_ghost`` (``nio_fast.ops.conv_pixel_gram``: the ghost
+   identity over input pixels, for convolutions with small maps and many channels), ``embedding`` for an embedding table used once, ``vectors`` (per-sample
    gradients formed, they are small) for the rest. Each part is formed inside the backward of
    step 2, as soon as its layer's output gradient exists (:class:`_PartPlanner`), and its own
    backward recomputes from the layer's input and output gradient (activation checkpointing,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -41,16 +43,17 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..ops.gram import accumulation_dtype
+from ..ops.pixel_gram import MAX_MAP_ENTRIES
 from ..algorithms.batching import call_model, num_samples, slice_rows
 from .blocked_gram import blockable, blocked_weight_gram, rows_fit_beside
-from .factors import chunk_sums, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
+from .factors import chunk_sums, conv_padding, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
 from .segments import SegmentCall, Segments
 
 logger = logging.getLogger("nio_fast")
 
-GHOST, MATERIALIZE, EMBEDDING_ROUTE, VECTORS, CHUNKS, AUTOGRAD = (
-    "ghost", "materialize", "embedding", "vectors", "chunks", "autograd")
+GHOST, PIXEL_GHOST, MATERIALIZE, EMBEDDING_ROUTE, VECTORS, CHUNKS, AUTOGRAD = (
+    "ghost", "pixel_ghost", "materialize", "embedding", "vectors", "chunks", "autograd")
 
 
 @dataclass
@@ -61,7 +64,8 @@ class SampleGram:
     """[N, N]: G[i, j] = <g_i, g_j> over the selected parameters ([D, D] of the chunk gradients
     when chunk weights were given)."""
     routes: dict[int, str] = field(default_factory=dict)
-    """Parameter index -> route: "ghost", "materialize", "embedding", "vectors" or "autograd"."""
+    """Parameter index -> route: "ghost", "pixel_ghost", "materialize", "embedding", "vectors", "chunks"
+    or "autograd"."""
     reasons: dict[int, str] = field(default_factory=dict)
     """Parameter index -> why it took the autograd route."""
 
@@ -222,6 +226,27 @@ def _outer_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype, r
     return compute(*flat)
 
 
+def _pixel_ghost_pays(uses: _ParameterUses, param: torch.Tensor, route: str) -> bool:
+    """A single ungrouped convolution use whose ghost Gram over input pixels costs fewer
+    multiply-adds than ``route`` (``ops.pixel_gram_cost`` against ``ops.outer_gram_cost``)."""
+    if len(uses.entries) != 1 or uses.entries[0][0].kind != CONV:
+        return False
+    use, _, grad = uses.entries[0]
+    positions, pixels = math.prod(grad.shape[2:]), math.prod(use.inputs.shape[2:])
+    if (positions * pixels) ** 2 > MAX_MAP_ENTRIES:
+        return False
+    in_features, out_features = param[0].numel(), param.shape[0]
+    cost = ops.outer_gram_cost(uses.num_samples, positions, in_features, out_features, itemsize=param.element_size())
+    pixel_cost = ops.pixel_gram_cost(uses.num_samples, positions, pixels, param.shape[1], out_features)
+    return pixel_cost < (cost.ghost_flops if route == GHOST else cost.materialize_flops)
+
+
+def _pixel_gram(uses: _ParameterUses, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    use, _, grad = uses.entries[0]
+    return ops.conv_pixel_gram(use.inputs, grad, tuple(param.shape[2:]), stride=use.config["stride"],
+                               padding=conv_padding(use, param.shape), dilation=use.config["dilation"]).to(dtype)
+
+
 def _embedding_gram(uses: _ParameterUses, dtype: torch.dtype) -> torch.Tensor:
     use, _, grad = uses.entries[0]
     ids = use.inputs.movedim(use.sample_axis, 0) if use.sample_axis else use.inputs
@@ -299,6 +324,9 @@ class _PartPlanner:
             self.parts[index], self.routes[index] = _chunk_sums_gram(uses, param, dtype, self.chunks), CHUNKS
             return
         route = _outer_route(uses, param) if uses.outer_only() else None
+        if route is not None and _pixel_ghost_pays(uses, param, route):
+            self.parts[index], self.routes[index] = _reduce(_pixel_gram(uses, param, dtype), weights), PIXEL_GHOST
+            return
         # Materialising: by outer_gram's bmm for linear layers per sample pair; as per-sample
         # vectors for convolutions (grouped weight-gradient conv), and for linear layers too
         # when chunks will average them (the N x N Gram of them is then skipped).

@@ -35,7 +35,7 @@ def _pair(value, dims: int) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
 
 
-def _conv_padding(use: LayerUse, weight_shape: Sequence[int]) -> list[tuple[int, int]]:
+def conv_padding(use: LayerUse, weight_shape: Sequence[int]) -> list[tuple[int, int]]:
     """(before, after) padding per spatial dim, 'same' and 'valid' included."""
     dims = use.config["spatial_dims"]
     padding, dilation = use.config["padding"], _pair(use.config["dilation"], dims)
@@ -53,7 +53,7 @@ def conv_patches(use: LayerUse, weight_shape: Sequence[int]) -> torch.Tensor:
     x = use.inputs
     dims = use.config["spatial_dims"]
     stride, dilation = _pair(use.config["stride"], dims), _pair(use.config["dilation"], dims)
-    pads = _conv_padding(use, weight_shape)
+    pads = conv_padding(use, weight_shape)
     kernel = tuple(weight_shape[2:])
     if dims == 1:  # a 1-D convolution is a 2-D one over a height of 1
         x, kernel, stride, dilation, pads = x.unsqueeze(2), (1,) + kernel, (1,) + stride, (1,) + dilation, [(0, 0)] + pads
@@ -83,7 +83,7 @@ def _padded_input(use: LayerUse, weight_shape: Sequence[int]) -> tuple[torch.Ten
     the convolution's own (no padded copy of the input, which autograd would keep for the
     backward: 77 MB on a GroupNorm ResNet-18 at N = 64); asymmetric ('same' with an even
     kernel) is applied with F.pad."""
-    pads = _conv_padding(use, weight_shape)
+    pads = conv_padding(use, weight_shape)
     if all(before == after for before, after in pads):
         return use.inputs, [before for before, _ in pads]
     padded = F.pad(use.inputs, [amount for before_after in reversed(pads) for amount in before_after])
