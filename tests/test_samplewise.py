@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import nio_fast
 from nio_fast.samplewise import engine
@@ -254,3 +255,32 @@ def test_a_rule_that_cannot_parse_a_call_falls_back_to_autograd(monkeypatch):
     model, batch = build("mlp", torch.float64)
     result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
     assert all(route == "autograd" for name, route in result.routes.items() if name.endswith("weight"))
+
+
+class UnevenSame(nn.Module):
+    """'same' zero padding with even kernels (padded unevenly: the odd one after), 2-D and 1-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.plane = nn.Conv2d(3, 5, (2, 4), padding="same")
+        self.line = nn.Conv1d(5, 4, 2, padding="same", dilation=3)
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        x = torch.tanh(self.plane(x))
+        return self.head(torch.relu(self.line(x.flatten(2))).mean(-1))
+
+
+@pytest.mark.parametrize("route", ["materialize", "ghost", "pixel_ghost"])
+def test_uneven_same_padding_is_exact_on_every_convolution_route(monkeypatch, route):
+    from nio_fast.samplewise import blocked_gram
+    monkeypatch.setattr(blocked_gram, "BLOCK_ELEMENTS", 1)  # several channel blocks
+    monkeypatch.setattr(blocked_gram, "MIN_BLOCK_CHANNELS", 2)
+    monkeypatch.setattr(engine, "choose_outer_route", lambda *sizes: "ghost" if route == "ghost" else "materialize")
+    monkeypatch.setattr(engine, "_pixel_ghost_pays",
+                        lambda uses, *_: route == "pixel_ghost" and uses.entries[0][0].kind == "conv")
+    torch.manual_seed(0)
+    model = UnevenSame().double()
+    batch = (torch.randn(6, 3, 5, 4, dtype=torch.float64), torch.randint(0, 5, (6,)))
+    result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
+    assert result.routes["plane.weight"] == result.routes["line.weight"] == route
