@@ -148,19 +148,23 @@ class _BlockedGram(torch.autograd.Function):
         needs = ctx.needs_input_grad[5:]
         symmetric = grad_gram + grad_gram.T
         kept, ctx.kept = ctx.kept, None
-        # the blocks tile the sliced axis: every entry of a sliced gradient is written below
+        whole = len(ctx.blocks) == 1  # one block: its parts are the gradients (no copy into place)
+        # several blocks tile the sliced axis: every entry of a sliced gradient is written below
         grads: list[Optional[torch.Tensor]] = [
-            torch.empty_like(t) if need and axis is not None else None
+            torch.empty_like(t) if need and axis is not None and not whole else None
             for t, axis, need in zip(tensors, ctx.slice_axes, needs)]
         for index, (start, end) in enumerate(ctx.blocks):
             block = _narrowed(tensors, ctx.slice_axes, start, end)
-            per_sample = kept[index] if kept is not None else rows.sample_rows(block, end - start)
+            per_sample = rows.sample_rows(block, end - start) if kept is None else kept[index]
+            if kept is not None:
+                kept[index] = None
             grad_rows = rows.rows_cotangent(per_sample, symmetric)
+            del per_sample  # freed before the cotangent convolutions: the rows are not needed there
             for i, part in enumerate(rows.tensor_grads(block, end - start, grad_rows, needs)):
                 axis = ctx.slice_axes[i]
                 if not needs[i]:
                     continue
-                if axis is not None:
+                if axis is not None and not whole:
                     grads[i].narrow(axis, start, end - start).copy_(0 if part is None else part)
                 elif part is not None:
                     grads[i] = part if grads[i] is None else grads[i].add_(part)
