@@ -10,8 +10,9 @@
 3. Per parameter, the Gram of its per-sample gradients from those factors, by the cheaper
    exact route: ``ghost`` / ``materialize`` (``nio_fast.ops.outer_gram``) for linear and
    convolution weights, or ``pixel_ghost`` (``nio_fast.ops.conv_pixel_gram``: the ghost
-   identity over input pixels, for convolutions with small maps and many channels), ``embedding`` for an embedding table used once, ``vectors`` (per-sample
-   gradients formed, they are small) for the rest. Each part is formed inside the backward of
+   identity over input pixels, for convolutions with small maps and many channels),
+   ``embedding`` for an embedding table used once, ``vectors`` (per-sample gradients formed,
+   they are small) for the rest. Each part is formed inside the backward of
    step 2, as soon as its layer's output gradient exists (:class:`_PartPlanner`), and its own
    backward recomputes from the layer's input and output gradient (activation checkpointing,
    or per-sample rows a block of output channels at a time, :mod:`.blocked_gram`), so no
@@ -25,7 +26,7 @@
 
 Differentiating the Gram then costs one double backward: the whole evaluation is the floor of
 any differentiation through a whole-batch backward (about three training steps) plus the
-per-sample Gram, 1.4x that floor on a small ViT and 1.9x on a GroupNorm ResNet-18 at N = 64
+per-sample Gram, 1.4x that floor on a small ViT and 1.7-1.8x on a GroupNorm ResNet-18 at N = 64
 (benchmarks/interleaved.py MODEL samples), growing little with N.
 """
 from __future__ import annotations
