@@ -406,6 +406,11 @@ def _check_factors(inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
     if output_grads.shape[:2] != inputs.shape[:2]:
         raise ValueError(f"output_grads: [N, T] = {tuple(output_grads.shape[:2])} differs from "
                          f"inputs' {tuple(inputs.shape[:2])}")
+    _check_dtype_and_device(inputs, output_grads)
+
+
+def _check_dtype_and_device(inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
+    """A layer's two factors share dtype and device (shared with ``pixel_gram``)."""
     if output_grads.dtype != inputs.dtype:
         raise TypeError(f"output_grads: dtype {output_grads.dtype} differs from inputs' {inputs.dtype}")
     if output_grads.device != inputs.device:

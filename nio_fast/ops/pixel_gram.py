@@ -30,7 +30,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .factor_gram import _accumulation_dtype, _budget, _store_symmetric, _upper_block_pairs, gram_values_wanted
+from .factor_gram import (_accumulation_dtype, _budget, _check_dtype_and_device, _store_symmetric, _upper_block_pairs,
+                          gram_values_wanted)
 from .first_order import first_order
 
 MAX_MAP_ENTRIES = 1 << 24
@@ -213,10 +214,7 @@ def _check(inputs: torch.Tensor, output_grads: torch.Tensor) -> None:
     if output_grads.dim() != inputs.dim() or output_grads.shape[0] != inputs.shape[0]:
         raise ValueError(f"output_grads: shape {tuple(output_grads.shape)} does not match inputs' "
                          f"{tuple(inputs.shape)} (same N and number of spatial dims)")
-    if output_grads.dtype != inputs.dtype:
-        raise TypeError(f"output_grads: dtype {output_grads.dtype} differs from inputs' {inputs.dtype}")
-    if output_grads.device != inputs.device:
-        raise ValueError(f"output_grads: on {output_grads.device}, but inputs are on {inputs.device}")
+    _check_dtype_and_device(inputs, output_grads)
 
 
 def conv_pixel_gram(inputs: torch.Tensor, output_grads: torch.Tensor, kernel_size: IntOrTuple, *,
