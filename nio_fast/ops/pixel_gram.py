@@ -65,7 +65,7 @@ def conv_output_size(input_size: Sequence[int], kernel_size: Sequence[int], stri
                  for size, k, step, (before, after), dil in zip(input_size, kernel_size, stride, padding, dilation))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # a model has few distinct small-map shapes; maps are <= 64 MB
 def _pixel_map_cached(input_size: tuple[int, ...], output_size: tuple[int, ...], kernel_size: tuple[int, ...],
                       stride: tuple[int, ...], padding_before: tuple[int, ...], dilation: tuple[int, ...],
                       dtype: torch.dtype, device: torch.device) -> torch.Tensor:
