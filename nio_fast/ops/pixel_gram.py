@@ -135,7 +135,7 @@ def _forward(x_rows: torch.Tensor, b_rows: torch.Tensor, pixel_map: torch.Tensor
                                  x_rows.element_size(), budget)
     load = lambda start, end: (x_rows[start:end], b_rows[start:end])  # noqa: E731
     for (i0, i1, (x_i, b_i)), (j0, j1, (x_j, b_j)) in _upper_block_pairs(num, samples, load):
-        # the smaller side is transformed: T^2 -> Q^2 or Q^2 -> T^2 (the same multiply-adds)
+        # carried into the smaller of the two spaces (T^2 or Q^2): the same multiply-adds, a smaller product
         pixel_kernels = _pair_kernels(x_i, x_j)
         output_kernels = _pair_kernels(b_i, b_j)
         if positions <= pixels:
