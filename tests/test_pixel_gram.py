@@ -23,16 +23,19 @@ SETTINGS = {
 }
 
 
+def convolution(x, weight, stride, padding, dilation):
+    """PyTorch's own convolution; (before, after) padding pairs are applied explicitly (F.pad
+    takes the last dim first)."""
+    if not (isinstance(padding, int) or all(isinstance(p, int) for p in padding)):
+        x, padding = F.pad(x, [amount for pair in reversed(padding) for amount in pair]), 0
+    return (F.conv2d if x.dim() == 4 else F.conv1d)(x, weight, stride=stride, padding=padding, dilation=dilation)
+
+
 def conv_weight_grad(x, weight_shape, dy, stride, padding, dilation):
     """One sample's weight gradient of the convolution, through PyTorch's own convolution."""
     weight = torch.zeros(weight_shape, dtype=x.dtype, requires_grad=True)
-    conv = F.conv2d if x.dim() == 4 else F.conv1d
-    pads = padding
-    if not (isinstance(padding, int) or all(isinstance(p, int) for p in padding)):
-        # (before, after) pairs: padded explicitly (F.pad takes the last dim first)
-        x, pads = F.pad(x, [amount for pair in reversed(padding) for amount in pair]), 0
-    (grad,) = torch.autograd.grad((conv(x, weight, stride=stride, padding=pads, dilation=dilation) * dy).sum(),
-                                  weight, create_graph=True)
+    (grad,) = torch.autograd.grad((convolution(x, weight, stride, padding, dilation) * dy).sum(), weight,
+                                  create_graph=True)
     return grad
 
 
@@ -48,12 +51,8 @@ def case(name, dtype=torch.float64, seed=0):
     x = torch.randn(shape, generator=gen, dtype=torch.float64)
     kernel_tuple = (kernel,) * (len(shape) - 2) if isinstance(kernel, int) else kernel
     weight_shape = (out_channels, shape[1], *kernel_tuple)
-    # the output size from a throwaway forward (uneven padding applied explicitly, as the reference does)
-    uneven = not (isinstance(padding, int) or all(isinstance(p, int) for p in padding))
-    padded = F.pad(x, [amount for pair in reversed(padding) for amount in pair]) if uneven else x
-    conv = F.conv2d if len(shape) == 4 else F.conv1d
-    out_shape = conv(padded, torch.zeros(weight_shape, dtype=torch.float64), stride=stride, dilation=dilation,
-                     padding=0 if uneven else padding).shape
+    # the output size from a throwaway forward
+    out_shape = convolution(x, torch.zeros(weight_shape, dtype=torch.float64), stride, padding, dilation).shape
     dy = torch.randn(out_shape, generator=gen, dtype=torch.float64)
     upstream = torch.randn(shape[0], shape[0], generator=gen, dtype=torch.float64)
     x, dy = x.to(dtype).requires_grad_(), dy.to(dtype).requires_grad_()

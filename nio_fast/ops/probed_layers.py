@@ -21,7 +21,7 @@ whether the engine will use a gradient is known for the nodes of non-leaf tensor
 wants the weight's gradient and not the probe's, from NIO's double backward, which wants the
 probe's and not the weight's.
 
-Plain twins: autograd of ``F.linear`` / ``F.conv{1,2,3}d`` (``tests/test_probed_layers.py``
+Plain twins: autograd of ``F.linear`` / ``F.conv{1,2,3}d`` (``tests/test_scale_probes.py``
 holds values, chunk gradients, probe gradients against <dJ/dW, W> and weight gradients equal).
 Differentiable twice (their double backward is first order: ``first_order``).
 """
@@ -146,8 +146,8 @@ class ConvConfig:
                  groups: int):
         self.dims, self.stride, self.padding, self.dilation, self.groups = dims, stride, padding, dilation, groups
 
-    def conv(self, x: Tensor, weight: Tensor) -> Tensor:
-        return _CONV[self.dims](x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+    def conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        return _CONV[self.dims](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, grad_out: Tensor, x: Tensor, weight: Tensor, mask: Sequence[bool],
                  bias_channels: int) -> tuple:
@@ -168,7 +168,7 @@ class _ProbedConv(Function):
     def forward(ctx, x, weight, bias, probe, config):
         ctx.save_for_backward(x, weight, probe)
         ctx.config, ctx.has_bias, ctx.probe_edge = config, bias is not None, _probe_edge(bias)
-        return _CONV[config.dims](x, weight, bias, config.stride, config.padding, config.dilation, config.groups)
+        return config.conv(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -232,11 +232,10 @@ def _pixel_ghost_pays(uses: _ParameterUses, param: torch.Tensor, route: str) -> 
     multiply-adds than ``route`` (``ops.pixel_gram_cost`` against ``ops.outer_gram_cost``)."""
     if len(uses.entries) != 1 or uses.entries[0][0].kind != CONV:
         return False
-    use, _, grad = uses.entries[0]
-    positions, pixels = math.prod(grad.shape[2:]), math.prod(use.inputs.shape[2:])
+    in_features, out_features = param[0].numel(), param.shape[0]
+    positions, pixels = uses.positions(out_features), math.prod(uses.entries[0][0].inputs.shape[2:])
     if (positions * pixels) ** 2 > MAX_MAP_ENTRIES:
         return False
-    in_features, out_features = param[0].numel(), param.shape[0]
     cost = ops.outer_gram_cost(uses.num_samples, positions, in_features, out_features, itemsize=param.element_size())
     pixel_cost = ops.pixel_gram_cost(uses.num_samples, positions, pixels, param.shape[1], out_features)
     return pixel_cost < (cost.ghost_flops if route == GHOST else cost.materialize_flops)
