@@ -35,7 +35,7 @@ import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
 from workloads import (double_backward_floor, samplewise_evaluation, samplewise_half_recomputed_evaluation,  # noqa: E402,E501
-                       samplewise_recomputed_evaluation, training_step)
+                       samplewise_nio_iteration, samplewise_recomputed_evaluation, training_step)
 
 RATIOS = {  # name: (numerator, denominator), per round
     "speed_up": ("reference", "nio_fast"), "nio_fast_steps": ("nio_fast", "step"),
@@ -67,9 +67,7 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, 
         calls["samplewise"] = lambda: samplewise_evaluation(model, batch)
         calls["recompute"] = lambda: samplewise_recomputed_evaluation(model, batch)
         calls["recompute_half"] = lambda: samplewise_half_recomputed_evaluation(model, batch)
-        # NIO's own sample-wise iteration: its double backward takes the scale gradients only
-        # (linear and convolution weights' from probes), where the evaluation forms every gradient.
-        calls["nio_samples"] = lambda: nio_fast_iteration(model, batch, "samples")
+        calls["nio_samples"] = lambda: samplewise_nio_iteration(model, batch)
     elif isinstance(sub_batches, tuple):  # growth with D: the floor does not depend on it
         for level, chunks in zip(("low", "high"), sub_batches):
             calls[f"reference_{level}"] = functools.partial(reference_iteration, model, batch, chunks)

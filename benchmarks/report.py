@@ -242,7 +242,8 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
             "sample-wise alloc / step alloc": _ratio(a.get("samplewise"), a.get("step")),
             "floor alloc / step alloc": _ratio(a.get("floor"), a.get("step")),
             **{column: value for implementation, (name, _) in RECOMPUTE_VARIANTS.items()
-               for column, value in _recompute_columns(name, implementation, s, m, a).items()},
+               for column, value in _variant_columns(name, implementation, s, m, a).items()},
+            **_variant_columns(NIO_ITERATION, "nio_samples", s, m, a),
             "routes (sample-wise)": routes.get((model, n)),
             "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
                                  for reason, measures in skipped[(model, n)].items()) or None,
@@ -256,7 +257,10 @@ RECOMPUTE_VARIANTS = {  # implementation: (column prefix, what its sentence says
 }
 
 
-def _recompute_columns(name: str, implementation: str, s: dict, m: dict, a: dict) -> dict:
+NIO_ITERATION = "NIO iteration"  # column prefix of nio_samples: one sample-wise NIO iteration
+
+
+def _variant_columns(name: str, implementation: str, s: dict, m: dict, a: dict) -> dict:
     return {f"{name} s": s.get(implementation), f"{name} / step": _ratio(s.get(implementation), s.get("step")),
             f"{name} MB": m.get(implementation), f"{name} alloc MB": a.get(implementation),
             f"{name} MB / step MB": _ratio(m.get(implementation), m.get("step")),
@@ -320,11 +324,19 @@ def _samplewise_notes(table: list[dict]) -> str:
                                f"{times(recompute_allocated)} a step's allocated memory (target: "
                                f"{_verdict(recompute_allocated, limit)}) and {times(at.get(f'{name} MB / step MB'))} "
                                f"its resident memory.")
+        nio_text = ""
+        nio_steps, nio_allocated = at.get(f"{NIO_ITERATION} / step"), at.get(f"{NIO_ITERATION} alloc / step alloc")
+        if nio_steps is not None or nio_allocated is not None:
+            nio_text = (f" NIO's own sample-wise iteration (scale gradients only, linear and convolution weights' "
+                        f"from probes, and the scale update): {in_steps(nio_steps)} (target: "
+                        f"{_verdict(nio_steps, SAMPLEWISE_TARGETS['steps'])}), {times(nio_allocated)} a step's "
+                        f"allocated memory (target: {_verdict(nio_allocated, limit)}) and "
+                        f"{times(at.get(f'{NIO_ITERATION} MB / step MB'))} its resident memory.")
         lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {in_steps(steps)} "
                      f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
                      f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
                      f"{_verdict(allocated, limit)}) and {times(memory)} its peak resident memory "
-                     f"(target <= {limit:g}: {_verdict(memory, limit)}).{floor_text}{recompute_text}")
+                     f"(target <= {limit:g}: {_verdict(memory, limit)}).{floor_text}{nio_text}{recompute_text}")
     return "\n".join(lines)
 
 
@@ -334,7 +346,10 @@ SAMPLEWISE_NOTES = (
     "how many parameter tensors took each route of nio_fast.samplewise). recompute: the same with every residual "
     "block (ResNet) or encoder layer (ViT) passed as recompute=, recomputed instead of kept "
     "(nio_fast.samplewise.segments); half recompute: the first half of them (the ResNet's first two stages, the "
-    "ViT's first two layers), the others kept. vmap: per-sample gradients by "
+    "ViT's first two layers), the others kept. NIO iteration: one sample-wise NIO iteration, "
+    "nio_fast.initialize(sub_batches=\"samples\", iters=1): the same Gram, differentiated for the scale gradients "
+    "NIO needs (linear and convolution weights' from probes) instead of every parameter's gradient, and the scale "
+    "update. vmap: per-sample gradients by "
     "vmap(grad(loss)) with graph, ops.gram, GradCosine and the same backward (on vit_small its double backward "
     "through layer_norm is inexact in torch 2.13, tests/test_vmap_safety.py: timed for its cost only). Seconds: "
     "medians of test_samplewise.py's schedule (one or two timed calls after at most one warm-up). MB: peak resident "
@@ -361,6 +376,7 @@ def _plot_samplewise(table: list[dict]) -> None:
         for column, label, style in (("step s", "one training step", "^:"), ("sample-wise s", "sample-wise", "s-"),
                                      ("recompute s", "sample-wise, recomputed", "d-."),
                                      ("half recompute s", "sample-wise, half recomputed", "x-."),
+                                     (f"{NIO_ITERATION} s", "sample-wise NIO iteration", "*-"),
                                      ("vmap s", "vmap per-sample", "o--"), ("floor s", "double-backward floor", "v:")):
             points = [(r["N"], r[column]) for r in rows if r[column]]
             if points:

@@ -1,7 +1,7 @@
 """Sample-wise GradCosine with its backward, against vmap over per-sample gradients and one training step.
 
 For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 inputs, N in
-(16, 64, 256), five things are timed on the same batch and measured for peak memory:
+(16, 64, 256), these are timed on the same batch and measured for peak memory:
 
 - ``step``: one training step, forward + backward (workloads.training_step);
 - ``samplewise``: ``nio_fast.gradcosine(..., sub_batches="samples", mode="factors",
@@ -11,6 +11,9 @@ For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 in
 - ``samplewise_recompute``: the same with every residual block / encoder layer recomputed
   instead of kept (``recompute=``, nio_fast.samplewise.segments): memory against time;
   ``samplewise_recompute_half``: the first half of them recomputed, the rest kept;
+- ``nio_samples``: one sample-wise NIO iteration (``nio_fast.initialize(sub_batches="samples",
+  iters=1)``): the same Gram, with the scale gradients NIO needs (linear and convolution
+  weights' from probes) where ``samplewise`` forms every parameter's gradient;
 - ``floor``: one backward with graph and one double backward of ||g||^2 over the whole batch
   (workloads.double_backward_floor), what differentiating through a backward costs before
   any per-sample Gram: the floor of time and memory the sample-wise figures stand against.
@@ -52,7 +55,7 @@ from nio_fast.algorithms.model_state import nio_modes
 from harness import synchronize
 from networks import images, make
 from workloads import (double_backward_floor, samplewise_evaluation, samplewise_half_recomputed_evaluation,
-                       samplewise_recomputed_evaluation, trainable, training_step)
+                       samplewise_nio_iteration, samplewise_recomputed_evaluation, trainable, training_step)
 
 QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
 LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
@@ -60,7 +63,8 @@ MODELS = ("resnet18_gn", "vit_small")
 SIZES = (4, 8) if QUICK else (16, 64, 256)
 MEMORY_SIZES = SIZES[:1] if QUICK else SIZES  # a fresh process each: ~5 s of start-up even when tiny
 OPTIONS = {"resnet18_gn": {"width": 8}} if QUICK else {}  # constructor options per model
-IMPLEMENTATIONS = ("step", "samplewise", "samplewise_recompute", "samplewise_recompute_half", "vmap_samples", "floor")
+IMPLEMENTATIONS = ("step", "samplewise", "samplewise_recompute", "samplewise_recompute_half", "nio_samples",
+                   "vmap_samples", "floor")
 DEVICE = torch.device(os.environ.get("NIO_FAST_BENCH_DEVICE", "cpu"))
 # per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
 VMAP_LIMIT_BYTES = 0.5 * torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda" else 6e9
@@ -89,7 +93,7 @@ def vmap_samples_evaluation(model, batch):
 EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation,
                "samplewise_recompute": samplewise_recomputed_evaluation,
                "samplewise_recompute_half": samplewise_half_recomputed_evaluation,
-               "vmap_samples": vmap_samples_evaluation,
+               "nio_samples": samplewise_nio_iteration, "vmap_samples": vmap_samples_evaluation,
                "floor": double_backward_floor}
 
 
@@ -168,7 +172,7 @@ def long_call_skip_reason(model_name: str, n: int, implementation: str) -> str |
 def memory_skip_reason(model_name: str, n: int, implementation: str) -> str | None:
     if implementation == "vmap_samples":
         return vmap_skip_reason(model_name, n)
-    if implementation == "samplewise" and model_name == "resnet18_gn" and n >= 256 and not LONG:
+    if implementation in ("samplewise", "nio_samples") and model_name == "resnet18_gn" and n >= 256 and not LONG:
         return "sample-wise skipped: one call takes minutes on CPU (NIO_FAST_BENCH_SAMPLEWISE_LONG=1 measures it)"
     return long_call_skip_reason(model_name, n, implementation)
 

@@ -46,6 +46,14 @@ def samplewise_evaluation(model, batch, recompute=None):
     return result
 
 
+def samplewise_nio_iteration(model, batch):
+    """One sample-wise NIO iteration, what ``nio_fast.initialize(sub_batches="samples")`` runs per
+    batch: the same Gram, but its double backward takes the scale gradients only (linear and
+    convolution weights' from probes, nio_fast.algorithms.scale_probes), then one scale update.
+    It rescales the model's weights, as every NIO iteration does."""
+    return nio_fast.initialize(model, batch, iters=1, sub_batches="samples", progress=False)
+
+
 SEGMENT_KINDS = (BasicBlock, nn.TransformerEncoderLayer)
 """What the benchmarks recompute: the residual blocks of the ResNets, the ViT's encoder layers."""
 

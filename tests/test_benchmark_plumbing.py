@@ -235,6 +235,18 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert "Recomputing the first half of the residual blocks / encoder layers (recompute=) instead: 4.50 " \
            "training steps (target: met), 1.80x a step's allocated memory (target: met) and 1.50x its resident " \
            "memory" in half_note
+    assert "NIO's own" not in half_note  # not measured: no sentence about it
+    nio_timing = half_timing + [{"model": "fast", "N": 64, "implementation": "nio_samples", "seconds": 5.5}]
+    nio_memory = half_memory + [{"model": "fast", "N": 64, "implementation": "nio_samples", "threads": 2,
+                                 "extra_mb": 300.0, "allocated_mb": 168.0}]
+    with_nio = report._samplewise_rows(nio_timing, nio_memory)
+    fast_64 = next(r for r in with_nio if (r["model"], r["N"]) == ("fast", 64))
+    assert (fast_64["NIO iteration / step"], fast_64["NIO iteration alloc / step alloc"]) == (5.5, 2.1)
+    assert fast_64["sample-wise / step"] == 3.0  # the evaluation's columns stay its own
+    nio_note = report._samplewise_notes(with_nio).splitlines()[0]
+    assert "NIO's own sample-wise iteration (scale gradients only, linear and convolution weights' from probes, " \
+           "and the scale update): 5.50 training steps (target: MISSED), 2.10x a step's allocated memory " \
+           "(target: MISSED) and 3.00x its resident memory" in nio_note
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
     quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
