@@ -6,6 +6,7 @@ from torch import nn
 
 import nio_fast
 from nio_fast.samplewise import engine
+from nio_fast.samplewise.recorder import indices_in
 from models import batch_for, make_model
 from reference import reference_gradcosine, spec_modes
 from samplewise_checks import assert_near, check_against_reference, trainable
@@ -284,3 +285,17 @@ def test_uneven_same_padding_is_exact_on_every_convolution_route(monkeypatch, ro
     batch = (torch.randn(6, 3, 5, 4, dtype=torch.float64), torch.randint(0, 5, (6,)))
     result = check_against_reference(model, batch, 1e-10, sub_batches="samples")
     assert result.routes["plane.weight"] == result.routes["line.weight"] == route
+
+
+def test_indices_in_finds_selected_tensors_at_any_depth_in_call_order():
+    """What the recorder and the scale probes see of every torch call: each selected tensor in the
+    arguments, nested in lists, tuples and dicts, in the order torch.utils._pytree flattens them."""
+    from torch.utils._pytree import tree_flatten
+    first, second, third = torch.randn(2), torch.randn(3), torch.randn(4)
+    index_of = {id(first): 0, id(second): 1, id(third): 2}
+    args = (first, [1.5, (second, {"inner": third})], "text", torch.randn(2), None)
+    kwargs = {"weights": [first], "flag": True}
+    assert indices_in(index_of, args, kwargs) == [0, 1, 2, 0]
+    leaves = tree_flatten((args, kwargs))[0]
+    assert indices_in(index_of, args, kwargs) == [index_of[id(leaf)] for leaf in leaves if id(leaf) in index_of]
+    assert indices_in(index_of, (torch.randn(2), [torch.randn(1)]), None) == []

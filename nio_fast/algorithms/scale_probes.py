@@ -21,7 +21,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..ops import multi_head_attention
 from ..ops.probed_layers import ConvConfig, probed_conv, probed_linear
-from ..samplewise.recorder import conv_args, linear_args
+from ..samplewise.recorder import conv_args, indices_in, linear_args
 
 _CONV_DIMS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
 PROBED_DTYPES = (torch.float32, torch.float64)
@@ -73,16 +73,6 @@ class ScaleProbes(TorchFunctionMode):
         self.routed: set[int] = set()
         self.unprobed: set[int] = set()
 
-    def _touched(self, args, kwargs) -> list[int]:
-        found = []
-        for value in (*args, *kwargs.values()):
-            if isinstance(value, (list, tuple, dict)):  # one level down: torch.cat([w, ...]), dicts
-                found.extend(self.index[id(v)] for v in (value.values() if isinstance(value, dict) else value)
-                             if id(v) in self.index)
-            elif id(value) in self.index:
-                found.append(self.index[id(value)])
-        return found
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.multi_head_attention_forward:
@@ -91,7 +81,7 @@ class ScaleProbes(TorchFunctionMode):
                 result = multi_head_attention.multi_head_attention_forward(*args, **kwargs)
             if result is not NotImplemented:
                 return result
-        touched = self._touched(args, kwargs)
+        touched = indices_in(self.index, args, kwargs)
         if not touched or _not_a_use(func):
             return func(*args, **kwargs)
         # Not routed: under torch.func transforms, without a graph (a recomputed segment's first
