@@ -1,13 +1,13 @@
 """NIO iterations or sample-wise evaluations against a training step and the double-backward
 floor, interleaved in one process.
 
-    python benchmarks/interleaved.py MODEL D [--rounds R] [--batch N] [--width W]
+    python benchmarks/interleaved.py MODEL D [--rounds R] [--batch N] [--width W] [--mode MODE]
     python benchmarks/interleaved.py MODEL samples [--rounds R] [--batch N] [--width W]
     python benchmarks/interleaved.py MODEL LOW:HIGH [--rounds R] [--batch N] [--width W]
 
 With D, each round times one training step, one reference iteration, one nio_fast iteration and
 the double-backward floor (workloads.double_backward_floor), in that order, on the same
-model and batch; with ``samples``, a training step, one sample-wise GradCosine evaluation with
+model and batch (with --mode, also one nio_fast iteration in that mode, after "auto"'s); with ``samples``, a training step, one sample-wise GradCosine evaluation with
 its backward (workloads.samplewise_evaluation), the same with every block recomputed
 (workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
 (workloads.samplewise_half_recomputed_evaluation), one sample-wise NIO iteration and the floor;
@@ -28,11 +28,12 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
+from nio_fast.algorithms.gradcosine import MODES  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
 from workloads import (double_backward_floor, samplewise_evaluation, samplewise_half_recomputed_evaluation,  # noqa: E402,E501
                        samplewise_nio_iteration, samplewise_recomputed_evaluation, training_step)
@@ -47,6 +48,7 @@ RATIOS = {  # name: (numerator, denominator), per round
     "recompute_half_over_samplewise": ("recompute_half", "samplewise"),
     "nio_samples_steps": ("nio_samples", "step"), "nio_samples_over_samplewise": ("nio_samples", "samplewise"),
     "nio_fast_growth": ("nio_fast_high", "nio_fast_low"), "reference_growth": ("reference_high", "reference_low"),
+    "mode_speed_up": ("reference", "nio_fast_mode"), "mode_over_nio_fast": ("nio_fast_mode", "nio_fast"),
 }
 
 
@@ -57,10 +59,11 @@ def seconds(call) -> float:
 
 
 def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, int]], rounds: int,
-                       batch_size: int = 64, **options) -> dict:
+                       batch_size: int = 64, mode: Optional[str] = None, **options) -> dict:
     """Medians and ranges over ``rounds`` of the RATIOS whose calls ran: reference / nio_fast,
-    nio_fast, reference and floor in training steps and reference / floor for a D; sample-wise
-    and floor in training steps and sample-wise / floor for ``"samples"``."""
+    nio_fast, reference and floor in training steps and reference / floor for a D (with ``mode``,
+    also nio_fast with that mode beside "auto": reference / it and it / auto); sample-wise and
+    floor in training steps and sample-wise / floor for ``"samples"``."""
     model, batch = make(model_name, **options), images(batch_size)
     calls = {} if isinstance(sub_batches, tuple) else {"step": lambda: training_step(model, batch)}
     if sub_batches == "samples":
@@ -75,6 +78,8 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, 
     else:
         calls["reference"] = lambda: reference_iteration(model, batch, sub_batches)
         calls["nio_fast"] = lambda: nio_fast_iteration(model, batch, sub_batches)
+        if mode is not None:
+            calls["nio_fast_mode"] = lambda: nio_fast_iteration(model, batch, sub_batches, mode=mode)
     if not isinstance(sub_batches, tuple):
         calls["floor"] = lambda: double_backward_floor(model, batch)
     for call in calls.values():  # warm-up: lazy imports, the first call's mode choices
@@ -96,6 +101,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, help="a ResNet's base width (quick runs shrink it)")
+    parser.add_argument("--mode", choices=MODES, help="with D: also time nio_fast with this mode beside 'auto'")
     args = parser.parse_args()
     levels = args.sub_batches.split(":")
     if args.sub_batches != "samples" and not (len(levels) in (1, 2) and all(level.isdigit() for level in levels)):
@@ -103,7 +109,9 @@ def main() -> None:
     sub_batches = args.sub_batches if args.sub_batches == "samples" else \
         int(levels[0]) if len(levels) == 1 else (int(levels[0]), int(levels[1]))
     options = {} if args.width is None else {"width": args.width}
-    result = interleaved_rounds(args.model, sub_batches, args.rounds, args.batch, **options)
+    if args.mode is not None and not isinstance(sub_batches, int):
+        parser.error("--mode: only with a number of chunks D")
+    result = interleaved_rounds(args.model, sub_batches, args.rounds, args.batch, mode=args.mode, **options)
     print(json.dumps({**result, "machine": harness.machine()}))
     medians = ", ".join(f"{name} {result[name]['median']:.2f} ({result[name]['min']:.2f}-{result[name]['max']:.2f})"
                         for name in RATIOS if name in result)

@@ -299,7 +299,11 @@ def test_interleaved_rounds_report_medians_and_ranges():
     for key in ("speed_up", "nio_fast_steps", "reference_steps", "floor_steps", "reference_over_floor"):
         summary = result[key]
         assert 0 < summary["min"] <= summary["median"] <= summary["max"]
-    assert "samplewise_steps" not in result
+    assert "samplewise_steps" not in result and "mode_speed_up" not in result
+
+    with_mode = interleaved.interleaved_rounds("resnet20_gn", 2, rounds=2, batch_size=8, mode="factors", width=4)
+    for key in ("mode_speed_up", "mode_over_nio_fast"):
+        assert 0 < with_mode[key]["min"] <= with_mode[key]["median"] <= with_mode[key]["max"]
 
     samples = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=2, batch_size=4, width=4)
     assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",

@@ -196,6 +196,18 @@ def test_auto_takes_factors_where_per_chunk_would_loop():
     assert check_against_reference(model, batch, 1e-10, sub_batches=3).mode == "factors"
 
 
+def test_auto_takes_factors_for_chunks_of_16_to_31_samples_on_the_cpu():
+    """Where the CPU loops over chunks of 16+ samples instead of vmapping, factors takes chunks
+    below 32 samples (faster there side by side, gradcosine._LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    batch = (torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,)))
+    assert check_against_reference(model, batch, 1e-10, sub_batches=4).mode == "factors"  # 16 a chunk
+    assert check_against_reference(model, batch, 1e-10, sub_batches=2).mode == "per_chunk"  # 32 a chunk
+    assert nio_fast.gradcosine(model, (batch[0][:62], batch[1][:62]), sub_batches=2).mode == "factors"  # 31
+    assert nio_fast.gradcosine(model, batch, sub_batches=8).mode == "per_chunk"  # 8 a chunk: vmap
+
+
 def test_auto_keeps_the_loop_for_a_loss_that_is_not_a_sample_mean():
     model, batch = build("token_transformer", torch.float64)
 

@@ -15,9 +15,9 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
   linear and convolution weights where cheaper, their chunk gradients reduced straight from
   the chunks' rows. It is how ``sub_batches="samples"`` (D = N) runs by default, and
   what ``"auto"`` takes instead of the per_chunk LOOP where the loop runs because vmap cannot
-  (unequal chunks, a model vmap refuses; not instead of vmap, nor of the loop chosen for chunks
-  of 16+ samples on the CPU) when every parameter has a factor rule and the chunk loss is the
-  mean of its samples' losses.
+  (unequal chunks, a model vmap refuses) or for chunks of 16 to 31 samples on the CPU (not
+  instead of vmap, nor of the loop for chunks of 32+), when every parameter has a factor rule and
+  the chunk loss is the mean of its samples' losses.
 """
 from __future__ import annotations
 
@@ -275,7 +275,8 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
             terms = ops.gradcosine_from_gram(gram)
             return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), mode)
         mode = "exact"
-    if requested == "auto" and mode == "per_chunk" and distributed is None and _factors_replace_loop(model, bounds):
+    if requested == "auto" and mode == "per_chunk" and distributed is None and \
+            _factors_replace_loop(model, inputs, bounds):
         with probes or contextlib.nullcontext():
             result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
         if result is not None:
@@ -300,13 +301,23 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
 # or why not (a string). The loop costs one forward and backward per chunk, so its time grows
 # with D (the small ViT: 3.1 training steps at D = 2, 5.8 at D = 16, benchmarks/results/
 # iteration.md); "factors" is one forward and one backward whatever D. vmap over chunks, where it
-# runs, is as cheap and stays the choice (GroupNorm ResNet-20: 3.2 steps against 6.6 for factors).
+# runs, is as cheap and stays the choice (GroupNorm ResNet-20, N = 64, side by side: 4.4 training
+# steps against 4.7 for factors at D = 8, a tie at D = 16).
 _FACTORS_VERDICT: "weakref.WeakKeyDictionary[nn.Module, Union[bool, str]]" = weakref.WeakKeyDictionary()
 
+# On the CPU, where the loop runs for chunks of 16+ samples, "factors" replaces it below this many:
+# at D = 4, N = 64 (16 samples a chunk; benchmarks/interleaved.py MODEL 4 --mode factors) it took
+# 0.90-0.97x the loop's time on the small ViT (three runs of 9-11 rounds) and 0.95-1.03x on the
+# GroupNorm ResNet-20 (two runs); at 32 samples a chunk (D = 2) the loop is faster (3.4 against 4.1
+# training steps on the ViT, 2.9 against 3.3 on the ResNet-20).
+_LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES = 32
 
-def _factors_replace_loop(model: nn.Module, bounds: Sequence[tuple[int, int]]) -> bool:
+
+def _factors_replace_loop(model: nn.Module, inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
     if _FACTORS_VERDICT.get(model, True) is not True:
         return False
+    if _loop_is_faster(inputs, bounds):  # the loop, not vmap, would run
+        return min(end - start for start, end in bounds) < _LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES
     vmap_will_run = equal_chunks(bounds) and _VMAP_VERDICT.get(model) in (None, True)
     return not vmap_will_run
 
