@@ -1,0 +1,58 @@
+"""Per-sample convolution weight gradients (samplewise.factors) and their two cotangents, against
+PyTorch: the rows against one autograd call per sample, the cotangents (a grouped convolution
+and a transposed one) against autograd's derivative of the rows."""
+import pytest
+import torch
+
+from nio_fast.samplewise.factors import conv_weight_per_sample, conv_weight_per_sample_backward
+from nio_fast.samplewise.recorder import CONV, LayerUse
+
+# (spatial input size, weight shape, stride, padding, dilation, groups)
+CASES = [
+    ((7, 9), (5, 3, 3, 3), 1, 1, 1, 1),
+    ((10, 9), (4, 3, 3, 2), 2, 1, 1, 1),  # stride 2, even height: output_padding 1 in the transpose; a 3 x 2 kernel
+    ((11, 10), (6, 4, 3, 3), (2, 1), (1, 2), 2, 2),  # per-dimension stride and padding, dilation, groups
+    ((8, 8), (5, 3, 4, 4), 4, 0, 1, 1),  # non-overlapping patches
+    ((7, 6), (4, 3, 2, 2), 1, "same", 1, 1),  # 'same' with an even kernel: uneven padding
+    ((14,), (5, 3, 3), 2, 1, 1, 1),  # 1-D, stride 2, even length: output_padding 1
+    ((12,), (4, 2, 4), 1, "same", 2, 1),  # 1-D, 'same', dilation
+]
+
+
+def _use(x: torch.Tensor, stride, padding, dilation, groups) -> LayerUse:
+    config = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups,
+              "spatial_dims": x.dim() - 2}
+    return LayerUse(CONV, {"weight": 0}, x, None, 0, config)
+
+
+def _conv(x, weight, stride, padding, dilation, groups):
+    conv = torch.nn.functional.conv1d if x.dim() == 3 else torch.nn.functional.conv2d
+    return conv(x, weight, None, stride, padding, dilation, groups)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("size,weight_shape,stride,padding,dilation,groups", CASES)
+def test_rows_and_their_cotangents_match_autograd(size, weight_shape, stride, padding, dilation, groups, dtype, rtol):
+    torch.manual_seed(0)
+    num = 3
+    channels_in = weight_shape[1] * groups
+    x = torch.randn(num, channels_in, *size, dtype=dtype, requires_grad=True)
+    weight = torch.randn(weight_shape, dtype=dtype, requires_grad=True)
+    output = _conv(x, weight, stride, padding, dilation, groups)
+    output_grad = torch.randn_like(output).requires_grad_()
+    use = _use(x, stride, padding, dilation, groups)
+
+    rows = conv_weight_per_sample(use, output_grad, weight_shape)
+    for i in range(num):  # sample i's own weight gradient, by autograd
+        expected, = torch.autograd.grad(_conv(x[i:i + 1], weight, stride, padding, dilation, groups), weight,
+                                        output_grad[i:i + 1])
+        torch.testing.assert_close(rows[i], expected, rtol=rtol, atol=rtol)
+
+    grad_rows = torch.randn(num, weight.numel(), dtype=dtype)
+    expected_x, expected_output_grad = torch.autograd.grad(rows.reshape(num, -1), (x, output_grad), grad_rows)
+    got_x, got_output_grad = conv_weight_per_sample_backward(use, output_grad.detach(), weight_shape, grad_rows,
+                                                             True, True)
+    torch.testing.assert_close(got_x, expected_x, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(got_output_grad, expected_output_grad, rtol=rtol, atol=rtol)
+    assert conv_weight_per_sample_backward(use, output_grad.detach(), weight_shape, grad_rows, False, False) == \
+        (None, None)
