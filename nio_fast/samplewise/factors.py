@@ -84,7 +84,7 @@ def conv_weight_per_sample_backward(use: LayerUse, output_grad: torch.Tensor, we
     """The input and output-gradient cotangents of :func:`conv_weight_per_sample` for ``grad_rows``
     [N, prod(weight_shape)]: the rows are bilinear in the two, so each is one grouped convolution
     with the cotangent rows as per-sample weights (forward convolution for the output gradient,
-    input-gradient convolution for the input). The same values as autograd's derivative of the
+    transposed convolution for the input). The same values as autograd's derivative of the
     weight-gradient convolution, in 0.33-0.75x its CPU time (ResNet-18 layer shapes, N = 64)."""
     x = use.inputs
     num, dims, groups = x.shape[0], use.config["spatial_dims"], use.config["groups"]
