@@ -70,12 +70,24 @@ def conv_weight_per_sample(use: LayerUse, output_grad: torch.Tensor, weight_shap
     num, dims, groups = x.shape[0], use.config["spatial_dims"], use.config["groups"]
     x, padding = _padded_input(use, weight_shape)
     stacked_shape = (num * weight_shape[0],) + tuple(weight_shape[1:])
-    weight_grad = torch.nn.grad.conv1d_weight if dims == 1 else torch.nn.grad.conv2d_weight
-    grads = weight_grad(x.reshape(1, -1, *x.shape[2:]), stacked_shape,
-                        output_grad.reshape(1, -1, *output_grad.shape[2:]),
-                        stride=use.config["stride"], padding=padding, dilation=use.config["dilation"],
-                        groups=num * groups)
+    grads = _conv_weight_grad(x.reshape(1, -1, *x.shape[2:]), stacked_shape,
+                              output_grad.reshape(1, -1, *output_grad.shape[2:]),
+                              stride=use.config["stride"], padding=padding, dilation=use.config["dilation"],
+                              groups=num * groups)
     return grads.reshape(num, *weight_shape)
+
+
+def _conv_weight_grad(x: torch.Tensor, weight_shape: Sequence[int], grad_output: torch.Tensor, *, stride,
+                      padding, dilation, groups: int) -> torch.Tensor:
+    """The weight gradient of a 1-D or 2-D convolution (differentiable, like
+    torch.nn.grad.conv2d_weight). That function hands convolution_backward a zero-strided stand-in
+    for the weight, which it makes contiguous: a weight-sized copy of nothing per call. An
+    uninitialised weight instead: the same values in 0.66-0.77x the time at the per-sample shapes of
+    ResNet-18's last two stages, 0.94-1.01x at the others (N = 64, 2 CPU cores)."""
+    dims = x.dim() - 2
+    return torch.ops.aten.convolution_backward(
+        grad_output, x, x.new_empty(weight_shape), None, _pair(stride, dims), _pair(padding, dims),
+        _pair(dilation, dims), False, [0] * dims, groups, [False, True, False])[1]
 
 
 def conv_weight_per_sample_backward(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[int],
@@ -170,9 +182,8 @@ def chunk_sums(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[
                 for a_k, b_k in zip(chunk_rows(a, bounds), chunk_rows(b, bounds))]
     else:
         x, padding = _padded_input(use, weight_shape)
-        weight_grad = torch.nn.grad.conv1d_weight if use.config["spatial_dims"] == 1 else torch.nn.grad.conv2d_weight
-        rows = [weight_grad(x_k, weight_shape, b_k, stride=use.config["stride"], padding=padding,
-                            dilation=use.config["dilation"], groups=use.config["groups"])
+        rows = [_conv_weight_grad(x_k, weight_shape, b_k, stride=use.config["stride"], padding=padding,
+                                  dilation=use.config["dilation"], groups=use.config["groups"])
                 for x_k, b_k in zip(chunk_rows(x, bounds), chunk_rows(output_grad, bounds))]
     return torch.stack([row.reshape(-1) for row in rows])
 
