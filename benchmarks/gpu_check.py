@@ -72,7 +72,8 @@ CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py"
                           "tests/test_chunk_reduce.py", "tests/test_group_norm.py", "tests/test_batch_norm.py",
                           "tests/test_layer_norm.py", "tests/test_triton_group_norm.py", "tests/test_samplewise.py",
                           "tests/test_samplewise_segments.py", "tests/test_attention.py",
-                          "tests/test_first_order.py", "tests/test_scale_probes.py", "tests/test_pixel_gram.py")
+                          "tests/test_first_order.py", "tests/test_scale_probes.py", "tests/test_pixel_gram.py",
+                          "tests/test_conv_factors.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
 DRY_RUN_ITERATION_SELECTION = "resnet20_gn-16"  # one iteration pair (each timing its own steps), D = 16
 DRY_RUN_SAMPLEWISE_SELECTION = "seconds and vit_small and 4"  # the quick sizes' ViT timings only

@@ -30,14 +30,21 @@ def _conv(x, weight, stride, padding, dilation, groups):
     return conv(x, weight, None, stride, padding, dilation, groups)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="needs a CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("size,weight_shape,stride,padding,dilation,groups", CASES)
-def test_rows_and_their_cotangents_match_autograd(size, weight_shape, stride, padding, dilation, groups, dtype, rtol):
+def test_rows_and_their_cotangents_match_autograd(size, weight_shape, stride, padding, dilation, groups, dtype, rtol,
+                                                  device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions stay fp32 on a GPU
     torch.manual_seed(0)
     num = 3
     channels_in = weight_shape[1] * groups
-    x = torch.randn(num, channels_in, *size, dtype=dtype, requires_grad=True)
-    weight = torch.randn(weight_shape, dtype=dtype, requires_grad=True)
+    x = torch.randn(num, channels_in, *size, dtype=dtype, device=device, requires_grad=True)
+    weight = torch.randn(weight_shape, dtype=dtype, device=device, requires_grad=True)
     output = _conv(x, weight, stride, padding, dilation, groups)
     output_grad = torch.randn_like(output).requires_grad_()
     use = _use(x, stride, padding, dilation, groups)
@@ -48,7 +55,7 @@ def test_rows_and_their_cotangents_match_autograd(size, weight_shape, stride, pa
                                         output_grad[i:i + 1])
         torch.testing.assert_close(rows[i], expected, rtol=rtol, atol=rtol)
 
-    grad_rows = torch.randn(num, weight.numel(), dtype=dtype)
+    grad_rows = torch.randn(num, weight.numel(), dtype=dtype, device=device)
     expected_x, expected_output_grad = torch.autograd.grad(rows.reshape(num, -1), (x, output_grad), grad_rows)
     got_x, got_output_grad = conv_weight_per_sample_backward(use, output_grad.detach(), weight_shape, grad_rows,
                                                              True, True)
