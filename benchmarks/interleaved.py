@@ -7,8 +7,9 @@ floor, interleaved in one process.
 
 With D, each round times one training step, one reference iteration, one nio_fast iteration and
 the double-backward floor (workloads.double_backward_floor), in that order, on the same
-model and batch (with --mode, also one nio_fast iteration in that mode, after "auto"'s); with ``samples``, a training step, one sample-wise GradCosine evaluation with
-its backward (workloads.samplewise_evaluation), the same with every block recomputed
+model and batch (with --mode, also one nio_fast iteration in that mode, after "auto"'s); with
+``samples``, a training step, one sample-wise GradCosine evaluation with its backward
+(workloads.samplewise_evaluation), the same with every block recomputed
 (workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
 (workloads.samplewise_half_recomputed_evaluation), one sample-wise NIO iteration and the floor;
 with LOW:HIGH, the reference and

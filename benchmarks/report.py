@@ -313,25 +313,20 @@ def _samplewise_notes(table: list[dict]) -> str:
             floor_text = (f" The double-backward floor (one backward with graph and one double backward over "
                           f"the whole batch, no per-sample Gram) takes {in_steps(floor_steps)} "
                           f"and {times(floor_allocated)} a step's allocated memory.")
-        recompute_text = ""
-        for name, recomputed in RECOMPUTE_VARIANTS.values():
-            recompute_steps, recompute_allocated = at.get(f"{name} / step"), at.get(f"{name} alloc / step alloc")
-            if recompute_steps is None and recompute_allocated is None:
-                continue
-            recompute_text += (f" Recomputing {recomputed} (recompute=) instead: "
-                               f"{in_steps(recompute_steps)} (target: "
-                               f"{_verdict(recompute_steps, SAMPLEWISE_TARGETS['steps'])}), "
-                               f"{times(recompute_allocated)} a step's allocated memory (target: "
-                               f"{_verdict(recompute_allocated, limit)}) and {times(at.get(f'{name} MB / step MB'))} "
-                               f"its resident memory.")
-        nio_text = ""
-        nio_steps, nio_allocated = at.get(f"{NIO_ITERATION} / step"), at.get(f"{NIO_ITERATION} alloc / step alloc")
-        if nio_steps is not None or nio_allocated is not None:
-            nio_text = (f" NIO's own sample-wise iteration (scale gradients only, linear and convolution weights' "
-                        f"from probes, and the scale update): {in_steps(nio_steps)} (target: "
-                        f"{_verdict(nio_steps, SAMPLEWISE_TARGETS['steps'])}), {times(nio_allocated)} a step's "
-                        f"allocated memory (target: {_verdict(nio_allocated, limit)}) and "
-                        f"{times(at.get(f'{NIO_ITERATION} MB / step MB'))} its resident memory.")
+        def variant_text(name: str, label: str) -> str:
+            """' {label}: time (verdict), allocator peak (verdict) and resident peak.' of the columns
+            ``name`` (a recompute variant's, NIO's iteration's), or '' where it was not measured."""
+            variant_steps, variant_allocated = at.get(f"{name} / step"), at.get(f"{name} alloc / step alloc")
+            if variant_steps is None and variant_allocated is None:
+                return ""
+            return (f" {label}: {in_steps(variant_steps)} (target: "
+                    f"{_verdict(variant_steps, SAMPLEWISE_TARGETS['steps'])}), {times(variant_allocated)} a step's "
+                    f"allocated memory (target: {_verdict(variant_allocated, limit)}) and "
+                    f"{times(at.get(f'{name} MB / step MB'))} its resident memory.")
+        recompute_text = "".join(variant_text(name, f"Recomputing {recomputed} (recompute=) instead")
+                                 for name, recomputed in RECOMPUTE_VARIANTS.values())
+        nio_text = variant_text(NIO_ITERATION, "NIO's own sample-wise iteration (scale gradients only, linear and "
+                                               "convolution weights' from probes, and the scale update)")
         lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {in_steps(steps)} "
                      f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
                      f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
