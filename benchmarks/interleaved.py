@@ -11,7 +11,8 @@ model and batch (with --mode, also one nio_fast iteration in that mode, after "a
 ``samples``, a training step, one sample-wise GradCosine evaluation with its backward
 (workloads.samplewise_evaluation), the same with every block recomputed
 (workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
-(workloads.samplewise_half_recomputed_evaluation), one sample-wise NIO iteration and the floor;
+(workloads.samplewise_half_recomputed_evaluation), one sample-wise NIO iteration, the same with
+every segment and with the first half recomputed, and the floor;
 with LOW:HIGH, the reference and
 nio_fast iterations at D = LOW and D = HIGH, for how each grows with D. Every ratio (the speed-up,
 each call in training steps, reference / floor: the speed-up of an iteration at the floor,
@@ -36,8 +37,7 @@ import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
 from nio_fast.algorithms.gradcosine import MODES  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
-from workloads import (double_backward_floor, samplewise_evaluation, samplewise_half_recomputed_evaluation,  # noqa: E402,E501
-                       samplewise_nio_iteration, samplewise_recomputed_evaluation, training_step)
+from workloads import SAMPLEWISE_CALLS, double_backward_floor, training_step  # noqa: E402
 
 RATIOS = {  # name: (numerator, denominator), per round
     "speed_up": ("reference", "nio_fast"), "nio_fast_steps": ("nio_fast", "step"),
@@ -48,8 +48,18 @@ RATIOS = {  # name: (numerator, denominator), per round
     "recompute_half_steps": ("recompute_half", "step"),
     "recompute_half_over_samplewise": ("recompute_half", "samplewise"),
     "nio_samples_steps": ("nio_samples", "step"), "nio_samples_over_samplewise": ("nio_samples", "samplewise"),
+    "nio_recompute_steps": ("nio_recompute", "step"), "nio_recompute_over_nio": ("nio_recompute", "nio_samples"),
+    "nio_recompute_half_steps": ("nio_recompute_half", "step"),
+    "nio_recompute_half_over_nio": ("nio_recompute_half", "nio_samples"),
     "nio_fast_growth": ("nio_fast_high", "nio_fast_low"), "reference_growth": ("reference_high", "reference_low"),
     "mode_speed_up": ("reference", "nio_fast_mode"), "mode_over_nio_fast": ("nio_fast_mode", "nio_fast"),
+}
+
+
+SAMPLES_CALLS = {  # name here: workloads.SAMPLEWISE_CALLS' name
+    "samplewise": "samplewise", "recompute": "samplewise_recompute", "recompute_half": "samplewise_recompute_half",
+    "nio_samples": "nio_samples", "nio_recompute": "nio_samples_recompute",
+    "nio_recompute_half": "nio_samples_recompute_half",
 }
 
 
@@ -68,10 +78,8 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, 
     model, batch = make(model_name, **options), images(batch_size)
     calls = {} if isinstance(sub_batches, tuple) else {"step": lambda: training_step(model, batch)}
     if sub_batches == "samples":
-        calls["samplewise"] = lambda: samplewise_evaluation(model, batch)
-        calls["recompute"] = lambda: samplewise_recomputed_evaluation(model, batch)
-        calls["recompute_half"] = lambda: samplewise_half_recomputed_evaluation(model, batch)
-        calls["nio_samples"] = lambda: samplewise_nio_iteration(model, batch)
+        for name, implementation in SAMPLES_CALLS.items():
+            calls[name] = functools.partial(SAMPLEWISE_CALLS[implementation], model, batch)
     elif isinstance(sub_batches, tuple):  # growth with D: the floor does not depend on it
         for level, chunks in zip(("low", "high"), sub_batches):
             calls[f"reference_{level}"] = functools.partial(reference_iteration, model, batch, chunks)

@@ -6,8 +6,8 @@ prints one JSON line: the resident set after building the model and the batch, t
 after one iteration (reference, nio_fast, nio_fast_recompute: mode="exact_recompute"), training step (step),
 the double-backward floor (floor: workloads.double_backward_floor), or sample-wise GradCosine
 with its backward (samplewise: from layer factors; vmap_samples: from per-sample gradients by
-vmap; both take D = N, see test_samplewise.py), one sample-wise NIO iteration (nio_samples), and
-their difference. A
+vmap; both take D = N, see test_samplewise.py), one sample-wise NIO iteration (nio_samples; with
+recomputed segments: nio_samples_recompute, nio_samples_recompute_half), and their difference. A
 fresh process per measurement: the high-water mark only ever grows, so nothing else may have
 run before. The peak is VmHWM of /proc/self/status, which exec resets; ru_maxrss does not
 (a process started from a big parent, e.g. pytest after the timing suite, inherits its peak).
@@ -30,12 +30,9 @@ import torch  # noqa: E402
 from networks import images, make  # noqa: E402
 from test_iteration import IMPLEMENTATIONS  # noqa: E402
 from test_samplewise import vmap_samples_evaluation  # noqa: E402
-from workloads import (samplewise_evaluation, samplewise_half_recomputed_evaluation,  # noqa: E402
-                       samplewise_nio_iteration, samplewise_recomputed_evaluation, training_step)
+from workloads import SAMPLEWISE_CALLS, training_step  # noqa: E402
 
-SAMPLEWISE = {"samplewise": samplewise_evaluation, "samplewise_recompute": samplewise_recomputed_evaluation,
-              "samplewise_recompute_half": samplewise_half_recomputed_evaluation,
-              "nio_samples": samplewise_nio_iteration, "vmap_samples": vmap_samples_evaluation}
+SAMPLEWISE = {**SAMPLEWISE_CALLS, "vmap_samples": vmap_samples_evaluation}
 
 
 def resident_mb() -> float:

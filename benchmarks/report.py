@@ -241,9 +241,8 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
             "vmap alloc MB": a.get("vmap_samples"), "floor alloc MB": a.get("floor"),
             "sample-wise alloc / step alloc": _ratio(a.get("samplewise"), a.get("step")),
             "floor alloc / step alloc": _ratio(a.get("floor"), a.get("step")),
-            **{column: value for implementation, (name, _) in RECOMPUTE_VARIANTS.items()
+            **{column: value for implementation, name in VARIANT_COLUMNS.items()
                for column, value in _variant_columns(name, implementation, s, m, a).items()},
-            **_variant_columns(NIO_ITERATION, "nio_samples", s, m, a),
             "routes (sample-wise)": routes.get((model, n)),
             "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
                                  for reason, measures in skipped[(model, n)].items()) or None,
@@ -251,13 +250,16 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
     return table
 
 
-RECOMPUTE_VARIANTS = {  # implementation: (column prefix, what its sentence says is recomputed)
-    "samplewise_recompute": ("recompute", "every residual block / encoder layer"),
-    "samplewise_recompute_half": ("half recompute", "the first half of the residual blocks / encoder layers"),
+RECOMPUTED = {  # implementation suffix: (column suffix, what its sentence says is recomputed)
+    "_recompute": ("recompute", "every residual block / encoder layer"),
+    "_recompute_half": ("half recompute", "the first half of the residual blocks / encoder layers"),
 }
-
-
 NIO_ITERATION = "NIO iteration"  # column prefix of nio_samples: one sample-wise NIO iteration
+VARIANT_COLUMNS = {  # implementation: its columns' prefix
+    **{f"samplewise{suffix}": name for suffix, (name, _) in RECOMPUTED.items()},
+    "nio_samples": NIO_ITERATION,
+    **{f"nio_samples{suffix}": f"{NIO_ITERATION}, {name}" for suffix, (name, _) in RECOMPUTED.items()},
+}
 
 
 def _variant_columns(name: str, implementation: str, s: dict, m: dict, a: dict) -> dict:
@@ -324,9 +326,11 @@ def _samplewise_notes(table: list[dict]) -> str:
                     f"allocated memory (target: {_verdict(variant_allocated, limit)}) and "
                     f"{times(at.get(f'{name} MB / step MB'))} its resident memory.")
         recompute_text = "".join(variant_text(name, f"Recomputing {recomputed} (recompute=) instead")
-                                 for name, recomputed in RECOMPUTE_VARIANTS.values())
+                                 for name, recomputed in RECOMPUTED.values())
         nio_text = variant_text(NIO_ITERATION, "NIO's own sample-wise iteration (scale gradients only, linear and "
                                                "convolution weights' from probes, and the scale update)")
+        nio_text += "".join(variant_text(f"{NIO_ITERATION}, {name}", f"NIO's iteration with {recomputed} recomputed")
+                            for name, recomputed in RECOMPUTED.values())
         lines.append(f"- {model}: {growth_text}; at N = {n_target} it takes {in_steps(steps)} "
                      f"(target <= {SAMPLEWISE_TARGETS['steps']:g}: {_verdict(steps, SAMPLEWISE_TARGETS['steps'])}), "
                      f"{times(allocated)} a step's peak of allocated tensor memory (target <= {limit:g}: "
@@ -344,7 +348,8 @@ SAMPLEWISE_NOTES = (
     "ViT's first two layers), the others kept. NIO iteration: one sample-wise NIO iteration, "
     "nio_fast.initialize(sub_batches=\"samples\", iters=1): the same Gram, differentiated for the scale gradients "
     "NIO needs (linear and convolution weights' from probes) instead of every parameter's gradient, and the scale "
-    "update. vmap: per-sample gradients by "
+    "update; NIO iteration, recompute / half recompute: the same with recompute= as above (the recomputed "
+    "segments' weights' scale gradients from probes too). vmap: per-sample gradients by "
     "vmap(grad(loss)) with graph, ops.gram, GradCosine and the same backward (on vit_small its double backward "
     "through layer_norm is inexact in torch 2.13, tests/test_vmap_safety.py: timed for its cost only). Seconds: "
     "medians of test_samplewise.py's schedule (one or two timed calls after at most one warm-up). MB: peak resident "
@@ -372,6 +377,7 @@ def _plot_samplewise(table: list[dict]) -> None:
                                      ("recompute s", "sample-wise, recomputed", "d-."),
                                      ("half recompute s", "sample-wise, half recomputed", "x-."),
                                      (f"{NIO_ITERATION} s", "sample-wise NIO iteration", "*-"),
+                                     (f"{NIO_ITERATION}, half recompute s", "NIO iteration, half recomputed", "P-."),
                                      ("vmap s", "vmap per-sample", "o--"), ("floor s", "double-backward floor", "v:")):
             points = [(r["N"], r[column]) for r in rows if r[column]]
             if points:

@@ -14,6 +14,8 @@ For a GroupNorm ResNet-18 (no layer couples samples) and a small ViT on 32x32 in
 - ``nio_samples``: one sample-wise NIO iteration (``nio_fast.initialize(sub_batches="samples",
   iters=1)``): the same Gram, with the scale gradients NIO needs (linear and convolution
   weights' from probes) where ``samplewise`` forms every parameter's gradient;
+  ``nio_samples_recompute`` and ``nio_samples_recompute_half``: the same with the segments of
+  the two recompute cases recomputed (their weights' scale gradients from probes too);
 - ``floor``: one backward with graph and one double backward of ||g||^2 over the whole batch
   (workloads.double_backward_floor), what differentiating through a backward costs before
   any per-sample Gram: the floor of time and memory the sample-wise figures stand against.
@@ -54,8 +56,7 @@ from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
 from nio_fast.algorithms.model_state import nio_modes
 from harness import synchronize
 from networks import images, make
-from workloads import (double_backward_floor, samplewise_evaluation, samplewise_half_recomputed_evaluation,
-                       samplewise_nio_iteration, samplewise_recomputed_evaluation, trainable, training_step)
+from workloads import SAMPLEWISE_CALLS, double_backward_floor, trainable, training_step
 
 QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
 LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
@@ -64,7 +65,7 @@ SIZES = (4, 8) if QUICK else (16, 64, 256)
 MEMORY_SIZES = SIZES[:1] if QUICK else SIZES  # a fresh process each: ~5 s of start-up even when tiny
 OPTIONS = {"resnet18_gn": {"width": 8}} if QUICK else {}  # constructor options per model
 IMPLEMENTATIONS = ("step", "samplewise", "samplewise_recompute", "samplewise_recompute_half", "nio_samples",
-                   "vmap_samples", "floor")
+                   "nio_samples_recompute", "nio_samples_recompute_half", "vmap_samples", "floor")
 DEVICE = torch.device(os.environ.get("NIO_FAST_BENCH_DEVICE", "cpu"))
 # per-sample gradients with graph: N x parameters x 4 B x 3 (gradients + backward)
 VMAP_LIMIT_BYTES = 0.5 * torch.cuda.get_device_properties(DEVICE).total_memory if DEVICE.type == "cuda" else 6e9
@@ -90,10 +91,7 @@ def vmap_samples_evaluation(model, batch):
         torch.autograd.grad(value, params, allow_unused=True)
 
 
-EVALUATIONS = {"step": training_step, "samplewise": samplewise_evaluation,
-               "samplewise_recompute": samplewise_recomputed_evaluation,
-               "samplewise_recompute_half": samplewise_half_recomputed_evaluation,
-               "nio_samples": samplewise_nio_iteration, "vmap_samples": vmap_samples_evaluation,
+EVALUATIONS = {"step": training_step, **SAMPLEWISE_CALLS, "vmap_samples": vmap_samples_evaluation,
                "floor": double_backward_floor}
 
 
@@ -163,7 +161,7 @@ def test_samplewise_seconds(benchmark, record, model_name, n, implementation):
 
 def long_call_skip_reason(model_name: str, n: int, implementation: str) -> str | None:
     """ResNet-18's recomputing evaluations at N = 256: one call of minutes on a 2-core CPU."""
-    if implementation.startswith("samplewise_recompute") and model_name == "resnet18_gn" and n >= 256 and not LONG \
+    if "_recompute" in implementation and model_name == "resnet18_gn" and n >= 256 and not LONG \
             and DEVICE.type == "cpu":
         return "recompute skipped: one call takes minutes on CPU (NIO_FAST_BENCH_SAMPLEWISE_LONG=1 measures it)"
     return None

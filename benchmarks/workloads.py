@@ -46,26 +46,54 @@ def samplewise_evaluation(model, batch, recompute=None):
     return result
 
 
-def samplewise_nio_iteration(model, batch):
+def samplewise_nio_iteration(model, batch, recompute=None):
     """One sample-wise NIO iteration, what ``nio_fast.initialize(sub_batches="samples")`` runs per
     batch: the same Gram, but its double backward takes the scale gradients only (linear and
-    convolution weights' from probes, nio_fast.algorithms.scale_probes), then one scale update.
-    It rescales the model's weights, as every NIO iteration does."""
-    return nio_fast.initialize(model, batch, iters=1, sub_batches="samples", progress=False)
+    convolution weights' from probes, nio_fast.algorithms.scale_probes, recomputed segments'
+    included), then one scale update. It rescales the model's weights, as every NIO iteration does."""
+    return nio_fast.initialize(model, batch, iters=1, sub_batches="samples", progress=False, recompute=recompute)
 
 
 SEGMENT_KINDS = (BasicBlock, nn.TransformerEncoderLayer)
 """What the benchmarks recompute: the residual blocks of the ResNets, the ViT's encoder layers."""
 
 
+def every_segment(model) -> list[type]:
+    """recompute= for every residual block or encoder layer."""
+    return [kind for kind in SEGMENT_KINDS if any(isinstance(module, kind) for module in model.modules())]
+
+
+def first_half_of_the_segments(model) -> list[nn.Module]:
+    """recompute= for the first half of the blocks or layers: the ResNets' early, high-resolution
+    stages hold the most memory per FLOP; the ViT's layers are all alike."""
+    blocks = [module for module in model.modules() if isinstance(module, SEGMENT_KINDS)]
+    return blocks[:len(blocks) // 2]
+
+
 def samplewise_recomputed_evaluation(model, batch):
-    """The same, every residual block or encoder layer recomputed (``recompute=``) instead of kept."""
-    kinds = [kind for kind in SEGMENT_KINDS if any(isinstance(module, kind) for module in model.modules())]
-    return samplewise_evaluation(model, batch, recompute=kinds)
+    """The evaluation, every residual block or encoder layer recomputed instead of kept."""
+    return samplewise_evaluation(model, batch, recompute=every_segment(model))
 
 
 def samplewise_half_recomputed_evaluation(model, batch):
-    """The same, the first half of the blocks or layers recomputed and the rest kept: the ResNets'
-    early, high-resolution stages hold the most memory per FLOP; the ViT's layers are all alike."""
-    blocks = [module for module in model.modules() if isinstance(module, SEGMENT_KINDS)]
-    return samplewise_evaluation(model, batch, recompute=blocks[:len(blocks) // 2])
+    """The evaluation, the first half of the blocks or layers recomputed and the rest kept."""
+    return samplewise_evaluation(model, batch, recompute=first_half_of_the_segments(model))
+
+
+def samplewise_recomputed_nio_iteration(model, batch):
+    """NIO's iteration, every residual block or encoder layer recomputed instead of kept."""
+    return samplewise_nio_iteration(model, batch, recompute=every_segment(model))
+
+
+def samplewise_half_recomputed_nio_iteration(model, batch):
+    """NIO's iteration, the first half of the blocks or layers recomputed and the rest kept."""
+    return samplewise_nio_iteration(model, batch, recompute=first_half_of_the_segments(model))
+
+
+SAMPLEWISE_CALLS = {
+    "samplewise": samplewise_evaluation, "samplewise_recompute": samplewise_recomputed_evaluation,
+    "samplewise_recompute_half": samplewise_half_recomputed_evaluation, "nio_samples": samplewise_nio_iteration,
+    "nio_samples_recompute": samplewise_recomputed_nio_iteration,
+    "nio_samples_recompute_half": samplewise_half_recomputed_nio_iteration,
+}
+"""The sample-wise calls of test_samplewise.py and peak_memory.py by name (vmap's lives there)."""

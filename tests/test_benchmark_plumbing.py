@@ -247,6 +247,21 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert "NIO's own sample-wise iteration (scale gradients only, linear and convolution weights' from probes, " \
            "and the scale update): 5.50 training steps (target: MISSED), 2.10x a step's allocated memory " \
            "(target: MISSED) and 3.00x its resident memory" in nio_note
+    assert "NIO's iteration with" not in nio_note
+    nio_half_timing = nio_timing + [{"model": "fast", "N": 64, "implementation": "nio_samples_recompute_half",
+                                     "seconds": 4.8}]
+    nio_half_memory = nio_memory + [{"model": "fast", "N": 64, "implementation": "nio_samples_recompute_half",
+                                     "threads": 2, "extra_mb": 200.0, "allocated_mb": 152.0}]
+    with_nio_half = report._samplewise_rows(nio_half_timing, nio_half_memory)
+    fast_64 = next(r for r in with_nio_half if (r["model"], r["N"]) == ("fast", 64))
+    assert (fast_64["NIO iteration, half recompute / step"],
+            fast_64["NIO iteration, half recompute alloc / step alloc"]) == (4.8, 1.9)
+    assert fast_64["NIO iteration / step"] == 5.5 and fast_64["half recompute / step"] == 4.5
+    nio_half_note = report._samplewise_notes(with_nio_half).splitlines()[0]
+    assert "NIO's iteration with the first half of the residual blocks / encoder layers recomputed: 4.80 " \
+           "training steps (target: met), 1.90x a step's allocated memory (target: met) and 2.00x its resident " \
+           "memory" in nio_half_note
+    assert "NIO's iteration with every" not in nio_half_note
 
     # Without N = 64 or N = 16..256 (a quick run) nothing is judged.
     quick = report._samplewise_rows([r for r in timing if r["N"] == 16] + [
@@ -309,7 +324,8 @@ def test_interleaved_rounds_report_medians_and_ranges():
     assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",
                             "samplewise_over_floor", "recompute_steps", "recompute_over_samplewise",
                             "recompute_half_steps", "recompute_half_over_samplewise", "nio_samples_steps",
-                            "nio_samples_over_samplewise"}
+                            "nio_samples_over_samplewise", "nio_recompute_steps", "nio_recompute_over_nio",
+                            "nio_recompute_half_steps", "nio_recompute_half_over_nio"}
     assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
     growth = interleaved.interleaved_rounds("resnet20_gn", (2, 4), rounds=2, batch_size=8, width=4)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nio_fast
+from nio_fast.samplewise.segments import resolve_segments
 from models import GroupNormBlock, batch_for, make_model
 from samplewise_models import MatmulLayer, make_zoo_model, zoo_batch
 from samplewise_checks import assert_near, check_against_reference, trainable
@@ -128,6 +129,66 @@ def test_initialize_with_recompute_applies_the_same_scales():
         assert_near(mine, theirs, 1e-10, "scaled parameter")
 
 
+def _nio_probe_verdicts(model, batch, recompute, iters=2):
+    """NIO's (probed, unprobed) tensor indices in each iteration, and the scaled parameters."""
+    from nio_fast.algorithms.scale_probes import ScaleProbes
+    verdicts, split = [], ScaleProbes.split
+
+    def recording(self, grads, dtype):
+        verdicts.append((frozenset(self.probed()), frozenset(self.unprobed)))
+        return split(self, grads, dtype)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ScaleProbes, "split", recording)
+        nio_fast.initialize(model, batch, iters=iters, sub_batches="samples", gamma=5.0, progress=False,
+                            recompute=recompute)
+    return verdicts, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("name", ["chain", "gn_resnet", "transformer", "conv_zoo"])
+def test_segments_route_their_weights_through_nio_probes(name):
+    """In NIO's iteration a recomputed segment routes its linear and convolution weights' uses
+    through probed layers with probes of its own, in each of its passes: the same tensors are
+    probed as without recompute (their scale gradients from probes, no weight-sized gradient),
+    weights some use of which no probe takes (conv_zoo's padding="same") keep their whole
+    gradient, and the scales are those of the kept engine."""
+    build, segments = CASES[name]
+    model, batch = build(torch.float64)
+    twin = build(torch.float64)[0]
+    kept, kept_params = _nio_probe_verdicts(twin, batch, None)
+    recomputed, params = _nio_probe_verdicts(model, batch, segments(model))
+    owned = {id(param) for module in resolve_segments(model, segments(model)) for param in module.parameters()}
+    owned = {index for index, param in enumerate(model.parameters()) if id(param) in owned}
+    assert recomputed == kept and kept[0][0] & owned, "the segments' weights should be probed"
+    for mine, theirs in zip(params, kept_params):
+        assert_near(mine, theirs, 1e-10, "scaled parameter")
+
+
+class SwitchesItsPadding(nn.Module):
+    """A convolution with padding 1 in its first two runs (the forward, the pass that decides
+    which weights to probe), padding="same" afterwards: the same values, but a use no probe
+    takes, so its recomputations would route the weight differently."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(4, 4, 3)
+        self.runs = 0
+
+    def forward(self, x):
+        self.runs += 1
+        return x + torch.tanh(F.conv1d(x, self.conv.weight, self.conv.bias, padding=1 if self.runs <= 2 else "same"))
+
+
+def test_a_segment_recomputed_differently_is_an_error_not_a_wrong_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(SwitchesItsPadding(), nn.Flatten(), nn.Linear(24, 5)).double()
+    batch = torch.randn(5, 4, 6, dtype=torch.float64), torch.randint(0, 5, (5,))
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RuntimeError, match="recompute: SwitchesItsPadding used its weights differently when "
+                                           "recomputed"):
+        nio_fast.initialize(model, batch, iters=1, sub_batches="samples", progress=False, recompute=[model[0]])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))  # left as it was
+
+
 def test_recompute_keeps_a_fraction_of_the_memory():
     """Eight blocks over many positions: the kept engine holds every block's activations and
     output gradients for the double backward, the recomputing one a block's at a time."""
@@ -159,7 +220,7 @@ def test_the_last_segment_reached_keeps_its_graph_for_the_double_backward(recomp
     original = engine._segment_gram_pass
 
     def counted(*args):
-        passes.append(args[-2:])  # (create_graph, values)
+        passes.append(args[-3:-1])  # (create_graph, values)
         return original(*args)
 
     with pytest.MonkeyPatch.context() as patch:

@@ -191,7 +191,7 @@ def test_vmapped_graphless_and_autocast_uses_are_not_probed(use):
         model(x)
         if use == "vmap":
             torch.func.vmap(model)(x[:, None])
-        elif use == "no_grad":  # a recomputed segment's first run: its recomputation runs outside the mode
+        elif use == "no_grad":  # no graph: nothing to route
             with torch.no_grad():
                 model(x)
         else:

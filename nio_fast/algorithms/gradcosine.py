@@ -266,7 +266,8 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
                          f"or mode='factors' on a model without batch coupling); this evaluation runs {mode!r}")
     if mode == "factors":
         with probes or contextlib.nullcontext():
-            return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph, segments)
+            return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph, segments,
+                                        probes)
     if mode == "exact_recompute":
         if distributed is not None:
             raise ValueError("mode: 'exact_recompute' does not run under torch.distributed yet (use 'exact')")
@@ -343,7 +344,8 @@ class NotASampleMean(ValueError):
 
 def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                          params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
-                         create_graph: bool, segments: Sequence[nn.Module] = ()) -> GradCosineResult:
+                         create_graph: bool, segments: Sequence[nn.Module] = (),
+                         probes: Optional["ScaleProbes"] = None) -> GradCosineResult:
     """``"factors"``: the Gram of the chunk gradients from layer factors (``nio_fast.samplewise``;
     per-sample gradients the engine forms anyway are averaged into chunks before their Gram, the
     rest reduced as W^T G W).
@@ -357,7 +359,7 @@ def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: L
     if not per_sample:
         _check_mean_loss(model, inputs, targets, loss_fn, bounds)
     sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph,
-                             chunks=None if per_sample else bounds, segments=segments)
+                             chunks=None if per_sample else bounds, segments=segments, probes=probes)
     gram = sample.gram
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)

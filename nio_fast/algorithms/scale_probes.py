@@ -6,14 +6,16 @@ every use of which is a linear layer or a convolution, ``nio_fast.ops.probed_lay
 convolution per use in the forward and one in the chunk backward). :class:`ScaleProbes` is the
 mode that routes those uses during an evaluation's forwards and notes every other use of a
 weight (any torch call it is passed to, metadata queries aside): such a weight, or one used
-where the mode cannot route it (under torch.func transforms, or without a graph: a recomputed
-segment's first run, recomputed later outside the mode), gets its full gradient as before.
+where the mode cannot route it (under torch.func transforms, or without a graph), gets its full
+gradient as before. The weights of recomputed segments (``nio_fast.samplewise.segments``), whose
+recomputations run outside this mode, are handed over to them: each segment routes its own
+weights with a mode of its own in every pass and hands the probes' gradients back.
 A probe exists only for tensors whose scale stays positive (not a bias, ``min_scale`` > 0), so
 s_p = <dJ/dtheta_p, theta_p> / alpha_p is defined.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +125,27 @@ class ScaleProbes(TorchFunctionMode):
     def _probe(self, index: int) -> torch.Tensor:
         probe = self.probes[index]
         return probe.view_as(probe)
+
+    def hand_over(self, indices: Iterable[int]) -> dict[int, torch.Tensor]:
+        """The probes of those ``indices`` that have one, for a recomputed segment owning those
+        tensors (``nio_fast.samplewise.segments``): their uses with a graph run where this mode
+        is not entered, so the segment routes them with a mode of its own (:meth:`for_tensors`),
+        hands the probes' gradients to these, and reports with :meth:`settle`. From now on this
+        mode ignores those tensors."""
+        handed = {k: self.probes[k] for k in indices if k in self.probes}
+        for k in handed:
+            del self.index[id(self.params[k])]
+        return handed
+
+    def settle(self, routed: Iterable[int], unrouted: Iterable[int]) -> None:
+        """A segment's verdict on the tensors handed over: every use routed, or not."""
+        self.routed.update(routed)
+        self.unprobed.update(unrouted)
+
+    def for_tensors(self, tensors: Sequence[torch.Tensor], candidates: Sequence[bool]) -> "ScaleProbes":
+        """A mode of the same kind over ``tensors`` (indices are positions in it), with probes of
+        its own."""
+        return type(self)(tensors, candidates)
 
     def probed(self) -> set[int]:
         """Tensors whose every use with a graph went through a probed layer."""

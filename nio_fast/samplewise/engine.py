@@ -37,7 +37,7 @@ import logging
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -50,6 +50,9 @@ from .blocked_gram import blockable, blocked_weight_gram, rows_fit_beside
 from .factors import chunk_sums, conv_padding, has_chunk_rule, is_outer, outer_factors, per_sample_vectors
 from .recorder import CONV, EMBEDDING, FactorRecorder, LayerUse
 from .segments import SegmentCall, Segments
+
+if TYPE_CHECKING:
+    from ..algorithms.scale_probes import ScaleProbes
 
 logger = logging.getLogger("nio_fast")
 
@@ -344,7 +347,8 @@ class _PartPlanner:
 def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: Callable,
                     params: Sequence[torch.Tensor], create_graph: bool,
                     chunks: Optional[Sequence[tuple[int, int]]] = None,
-                    segments: Sequence[torch.nn.Module] = ()) -> SampleGram:
+                    segments: Sequence[torch.nn.Module] = (),
+                    probes: Optional["ScaleProbes"] = None) -> SampleGram:
     """The [N, N] per-sample Gram of ``model`` on one batch; see the module docstring.
 
     With ``chunks`` ((start, end) sample ranges, overlaps allowed), the [D, D] Gram of the chunk
@@ -358,6 +362,8 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
 
     ``segments``: submodules recomputed instead of kept (:mod:`.segments`): the same Gram and
     gradients, with only their inputs and output gradients alive for the double backward.
+    ``probes``: NIO's probe mode, entered by the caller; the segments route their own weights'
+    uses with probes of their own (:mod:`.segments`) and report to it.
     """
     num = num_samples(inputs)
     dtype = accumulation_dtype(params)  # fp64 when any parameter is, as for ops.gram
@@ -365,7 +371,8 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     recorder = FactorRecorder(params, num)
     gram_size = num if chunks is None else len(chunks)
     segmented = Segments(segments, params, (gram_size, gram_size), dtype,
-                         functools.partial(_segment_gram_pass, params, num, dtype, chunks, weights, gram_size))
+                         functools.partial(_segment_gram_pass, params, num, dtype, chunks, weights, gram_size),
+                         probes)
     with segmented.patched(), recorder:
         outputs = call_model(model, inputs)
     if chunks is None:
@@ -442,18 +449,20 @@ def _check_segment_ownership(segmented: Segments, seen: set, params: Sequence[to
 def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dtype,
                        chunks: Optional[Sequence[tuple[int, int]]], weights: Optional[ops.ChunkWeighting],
                        gram_size: int, call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor,
-                       create_graph: bool, values: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       create_graph: bool, values: bool, probes: Optional["ScaleProbes"]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, Gram part) of one segment: recompute it on ``x`` under a recorder, backpropagate
     ``grad_output`` to its input and its recorded outputs, and form the parts of the parameters
     it owns there, as the engine does for the whole model (with a graph when ``create_graph``;
-    without the parts' values, which a graph pass may skip, unless ``values``)."""
+    without the parts' values, which a graph pass may skip, unless ``values``). ``probes``: the
+    segment's own probe mode, entered outside the recorder (which sees the plain calls first)."""
     recorder = FactorRecorder(params, num)
     with call.as_in_forward(), torch.enable_grad():
         # The values pass takes a leaf of its own: a backward reaching the model's x would fire the
         # engine's hook on it (the output of the layer feeding this segment) with these values. The
         # graph pass gets the leaves its caller differentiates by.
         x_in = x if create_graph else x.detach().requires_grad_()
-        with recorder:
+        with probes or contextlib.nullcontext(), recorder:
             output = call.run(x_in)
         owned = set(call.indices)
         used = recorder.unfactored.keys() | {index for use in recorder.uses for index in use.roles.values()}

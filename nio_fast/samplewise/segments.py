@@ -23,6 +23,13 @@ the segment's forward takes as an input, whose gradient the backward node return
 segment's part. The engine asks its backward for the tokens' gradients beside the recorded
 outputs' and adds them to the Gram, so the parts are in the graph like any other.
 
+In NIO's iteration (``nio_fast.algorithms.scale_probes``) the segments' weights are handed over
+by the probe mode, which the recomputations run outside: each pass of a segment routes its
+linear and convolution weights through probed layers with probes of its own, and the segment's
+nodes take NIO's probes as inputs and return the passes' probe gradients as theirs, so a
+recomputed weight's scale gradient skips its weight-sized products as a kept one's does (the
+first pass decides which weights; a recomputation that routes differently is an error).
+
 Cost: each segment's forward runs four times (three more than kept) and its backward three
 times (two more), its parameters' Gram parts twice (their values once); the last one reached
 runs its forward three times and its backward twice, its parts once. The parameters of a
@@ -34,7 +41,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -44,10 +51,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..ops.first_order import first_order
 from ..ops.fused_calls import active_routing
 
-GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool, bool], tuple[torch.Tensor, torch.Tensor]]
-"""(call, x, g, create_graph, values) -> (dL/dx, the segment's Gram parts): recompute the segment
-on ``x``, backpropagate ``g`` through it, form its parameters' parts (the engine's rules; their
-values may be skipped in a graph pass unless ``values``)."""
+if TYPE_CHECKING:
+    from ..algorithms.scale_probes import ScaleProbes
+
+GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool, bool, Optional["ScaleProbes"]],
+                    tuple[torch.Tensor, torch.Tensor]]
+"""(call, x, g, create_graph, values, probes) -> (dL/dx, the segment's Gram parts): recompute the
+segment on ``x`` (its forward inside ``probes`` when given), backpropagate ``g`` through it, form
+its parameters' parts (the engine's rules; their values may be skipped in a graph pass unless
+``values``)."""
 
 
 @dataclass
@@ -72,6 +84,15 @@ class SegmentCall:
     random numbers (noise, dropout left on) draws the same ones every time it is recomputed."""
     routes: dict[int, str] = field(default_factory=dict)
     """Parameter index -> Gram route, from the first Gram pass."""
+    probes: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Owned parameter index -> NIO's probe of it (``nio_fast.algorithms.scale_probes``), in an
+    iteration with probes: the segment routes those weights' uses through probed layers with
+    probes of its own in every pass, and its nodes hand those probes' gradients to these."""
+    probed: Optional[frozenset[int]] = None
+    """Of ``probes``' tensors, those every use of which the first pass routed; the later passes
+    route these (a weight some use of which cannot be routed gets its whole gradient)."""
+    probes_of: Optional[Callable[[Sequence[torch.Tensor], Sequence[bool]], "ScaleProbes"]] = None
+    """Makes the segment's own probe mode over its parameters."""
 
     @contextlib.contextmanager
     def as_in_forward(self, recomputing: bool = True) -> Iterator[None]:
@@ -102,12 +123,53 @@ class SegmentCall:
 
     def input_gradient(self, x: torch.Tensor, grad_output: torch.Tensor, create_graph: bool
                        ) -> tuple[Optional[torch.Tensor], ...]:
-        """(dL/dx, dL/d(params)...) of the segment alone: its plain backward, recomputed."""
+        """(dL/dx, dL/d(params)..., dL/d(probes)...) of the segment alone: its plain backward,
+        recomputed (a probed weight's gradient is None, its probe's is <dL/dW, W>)."""
+        probes = self.probe_mode()
         with self.as_in_forward(), torch.enable_grad():
             leaf = x.detach().requires_grad_()
-            output = self.run(leaf)
-            return torch.autograd.grad(output, (leaf, *self.params), grad_output, create_graph=create_graph,
-                                       allow_unused=True)
+            with probes or contextlib.nullcontext():
+                output = self.run(leaf)
+            grads = torch.autograd.grad(output, (leaf, *self.targets(probes)), grad_output,
+                                        create_graph=create_graph, allow_unused=True)
+        return (grads[0], *self.split_gradients(probes, grads[1:]))
+
+    @property
+    def probe_tensors(self) -> tuple[torch.Tensor, ...]:
+        """NIO's probes the segment's nodes take as inputs (after the parameters)."""
+        return tuple(self.probes.values())
+
+    def probe_mode(self) -> Optional["ScaleProbes"]:
+        """A probe mode routing the owned weights' uses with probes of its own: every weight with a
+        probe in the first pass, those that pass routed in every use afterwards (None: no probes)."""
+        chosen = self.probes.keys() if self.probed is None else self.probed
+        if not chosen:
+            return None
+        return self.probes_of(self.params, [index in chosen for index in self.indices])
+
+    def note_probed(self, probes: Optional["ScaleProbes"]) -> None:
+        """After a pass: the first one decides which weights the segment probes; the later ones
+        (the same calls, recomputed) must route exactly those."""
+        routed = frozenset(self.indices[k] for k in probes.probed()) if probes is not None else frozenset()
+        if self.probed is None:
+            self.probed = routed
+        elif routed != self.probed:
+            raise RuntimeError(f"recompute: {type(self.module).__name__} used its weights differently when "
+                               f"recomputed (a forward that must be deterministic given its input)")
+
+    def targets(self, probes: Optional["ScaleProbes"]) -> Sequence[torch.Tensor]:
+        """What a pass differentiates by: per owned parameter, its probe where routed, else itself."""
+        return self.params if probes is None else probes.targets()
+
+    def split_gradients(self, probes: Optional["ScaleProbes"], grads: Sequence[Optional[torch.Tensor]]
+                        ) -> tuple[Optional[torch.Tensor], ...]:
+        """The gradients of :meth:`targets` as those of the nodes' inputs: the parameters (None
+        for a probed weight), then :attr:`probes` (<dL/dW, W> of a probed weight, else None)."""
+        self.note_probed(probes)
+        position = {index: k for k, index in enumerate(self.indices)}
+        params = [None if index in self.probed else grad for index, grad in zip(self.indices, grads)]
+        probes_grads = [grads[position[index]] if index in self.probed else None for index in self.probes]
+        return (*params, *probes_grads)
 
 
 @dataclass
@@ -127,7 +189,8 @@ class _Segment(Function):
     during the engine's backward; any other backward gets the segment's recomputed VJP."""
 
     @staticmethod
-    def forward(ctx, call: SegmentCall, token: torch.Tensor, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, call: SegmentCall, token: torch.Tensor, x: torch.Tensor, *params_and_probes: torch.Tensor
+                ) -> torch.Tensor:
         ctx.call = call
         ctx.save_for_backward(x)
         # Without a graph: keeping it for the first backward (one forward less) took 0.9x the
@@ -145,12 +208,14 @@ class _Segment(Function):
                 # graph, recomputed there; the last segment reached builds it here and keeps it (a lone
                 # segment would so keep everything).
                 keep_graph = call.phase.unreached == 0 and call.phase.calls > 1
-                grad_x, part = _SegmentBackward.apply(call, keep_graph, x, grad_output, *call.params)
+                grad_x, part = _SegmentBackward.apply(call, keep_graph, x, grad_output, *call.params,
+                                                      *call.probe_tensors)
             else:
-                grad_x, part = call.phase.gram_pass(call, x, grad_output, False, True)
-            return (None, part, grad_x) + (None,) * len(call.params)
-        grad_x, *grad_params = call.input_gradient(x, grad_output, torch.is_grad_enabled())
-        return (None, None, grad_x, *grad_params)
+                probes = call.probe_mode()
+                grad_x, part = call.phase.gram_pass(call, x, grad_output, False, True, probes)
+                call.note_probed(probes)
+            return (None, part, grad_x) + (None,) * (len(call.params) + len(call.probes))
+        return (None, None, *call.input_gradient(x, grad_output, torch.is_grad_enabled()))
 
 
 class _SegmentBackward(Function):
@@ -161,16 +226,20 @@ class _SegmentBackward(Function):
 
     @staticmethod
     def forward(ctx, call: SegmentCall, keep_graph: bool, x: torch.Tensor, grad_output: torch.Tensor,
-                *params: torch.Tensor):
+                *params_and_probes: torch.Tensor):
         ctx.call = call
         ctx.save_for_backward(x, grad_output)
         ctx.kept = None
+        probes = call.probe_mode()
         if not keep_graph:
-            return call.phase.gram_pass(call, x, grad_output, False, True)
+            result = call.phase.gram_pass(call, x, grad_output, False, True, probes)
+            call.note_probed(probes)
+            return result
         with torch.enable_grad():
             leaves = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
-            grad_x, part = call.phase.gram_pass(call, *leaves, True, True)
-        ctx.kept = (leaves, grad_x, part)
+            grad_x, part = call.phase.gram_pass(call, *leaves, True, True, probes)
+        call.note_probed(probes)
+        ctx.kept = (leaves, grad_x, part, probes)
         return grad_x.detach(), part.detach()
 
     @staticmethod
@@ -179,19 +248,20 @@ class _SegmentBackward(Function):
         call, (x, grad_output) = ctx.call, ctx.saved_tensors
         with torch.enable_grad():
             if ctx.kept is not None:  # consumed once: a second double backward recomputes
-                (x_leaf, grad_leaf), grad_x, part = ctx.kept
+                (x_leaf, grad_leaf), grad_x, part, probes = ctx.kept
                 ctx.kept = None
             else:
+                probes = call.probe_mode()
                 x_leaf, grad_leaf = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
-                grad_x, part = call.phase.gram_pass(call, x_leaf, grad_leaf, True, False)
+                grad_x, part = call.phase.gram_pass(call, x_leaf, grad_leaf, True, False, probes)
             pairs = [(out, cot) for out, cot in ((grad_x, cot_grad_x), (part, cot_part))
                      if cot is not None and out.requires_grad]
             if not pairs:
-                return (None,) * (4 + len(call.params))
+                return (None,) * (4 + len(call.params) + len(call.probes))
             outputs, cotangents = zip(*pairs)
-            grads = torch.autograd.grad(outputs, (x_leaf, grad_leaf, *call.params), cotangents,
+            grads = torch.autograd.grad(outputs, (x_leaf, grad_leaf, *call.targets(probes)), cotangents,
                                         allow_unused=True)
-        return (None, None, *grads)
+        return (None, None, grads[0], grads[1], *call.split_gradients(probes, grads[2:]))
 
 
 class Segments:
@@ -199,7 +269,7 @@ class Segments:
     one token per call, and says which parameters they own."""
 
     def __init__(self, modules: Sequence[nn.Module], params: Sequence[torch.Tensor], gram_shape: tuple[int, int],
-                 dtype: torch.dtype, gram_pass: GramPass) -> None:
+                 dtype: torch.dtype, gram_pass: GramPass, probes: Optional["ScaleProbes"] = None) -> None:
         self.modules = list(modules)
         self.phase = SegmentPhase(gram_pass=gram_pass)
         self.gram_shape, self.dtype = gram_shape, dtype
@@ -211,6 +281,9 @@ class Segments:
                 if index is not None and params[index].requires_grad:
                     self.owner[index] = module
         self.params = params
+        # NIO's probes of the segments' weights: the segments route those weights themselves.
+        self.probes = probes
+        self.handed_probes = probes.hand_over(sorted(self.owner)) if probes is not None else {}
         self.calls: list[SegmentCall] = []
         self.tokens: list[torch.Tensor] = []
 
@@ -227,11 +300,13 @@ class Segments:
                              f"per-sample Gram would need both uses at once (leave it out of recompute)")
         indices = tuple(sorted(index for index, owner in self.owner.items() if owner is module))
         call = SegmentCall(module, forward, args, kwargs, indices, tuple(self.params[i] for i in indices), self.phase,
-                           [(m, m.training) for m in module.modules()], active_routing(), _rng_state(x))
+                           [(m, m.training) for m in module.modules()], active_routing(), _rng_state(x),
+                           probes={i: self.handed_probes[i] for i in indices if i in self.handed_probes},
+                           probes_of=None if self.probes is None else self.probes.for_tensors)
         token = torch.zeros(self.gram_shape, dtype=self.dtype, device=x.device, requires_grad=True)
         self.calls.append(call)
         self.tokens.append(token)
-        return _Segment.apply(call, token, x, *call.params)
+        return _Segment.apply(call, token, x, *call.params, *call.probe_tensors)
 
     @contextlib.contextmanager
     def patched(self) -> Iterator[None]:
@@ -256,6 +331,10 @@ class Segments:
             yield
         finally:
             self.phase.gram = False
+        if self.probes is not None:  # each call's first pass decided which of its weights it probes
+            for call in self.calls:
+                routed = call.probed or frozenset()
+                self.probes.settle(routed, call.probes.keys() - routed)
 
     def routes(self) -> dict[int, str]:
         return {index: route for call in self.calls for index, route in call.routes.items()}
