@@ -214,9 +214,11 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
     """One row per model and N: seconds and peak MB of a training step, sample-wise GradCosine with
     its backward (factors) and the vmap baseline, their ratios, and why a case was skipped."""
     seconds, megabytes, allocated, routes = defaultdict(dict), defaultdict(dict), defaultdict(dict), {}
+    in_steps = defaultdict(dict)  # each call's seconds over the training steps timed between its rounds
     skipped = defaultdict(lambda: defaultdict(list))  # (model, N) -> reason -> ["seconds", "memory"]
     for r in timing:
         seconds[(r["model"], r["N"])][r["implementation"]] = r.get("seconds")
+        in_steps[(r["model"], r["N"])][r["implementation"]] = _ratio(r.get("seconds"), r.get("step_seconds"))
         if r.get("routes"):
             routes[(r["model"], r["N"])] = r["routes"]
     for r in memory:
@@ -229,11 +231,15 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
     table = []
     for model, n in sorted(set(seconds) | set(megabytes)):
         s, m, a = seconds[(model, n)], megabytes[(model, n)], allocated[(model, n)]
+
+        def per_step(implementation, s=s, steps=in_steps[(model, n)]):
+            """Over the steps timed beside it; rows without them (older runs): over the step case."""
+            side_by_side = steps.get(implementation)
+            return side_by_side if side_by_side is not None else _ratio(s.get(implementation), s.get("step"))
         table.append({
             "model": model, "N": n, "step s": s.get("step"), "sample-wise s": s.get("samplewise"),
             "vmap s": s.get("vmap_samples"), "floor s": s.get("floor"),
-            "sample-wise / step": _ratio(s.get("samplewise"), s.get("step")),
-            "floor / step": _ratio(s.get("floor"), s.get("step")),
+            "sample-wise / step": per_step("samplewise"), "floor / step": per_step("floor"),
             "vmap / sample-wise": _ratio(s.get("vmap_samples"), s.get("samplewise")),
             "step MB": m.get("step"), "sample-wise MB": m.get("samplewise"), "vmap MB": m.get("vmap_samples"),
             "floor MB": m.get("floor"), "sample-wise MB / step MB": _ratio(m.get("samplewise"), m.get("step")),
@@ -242,7 +248,7 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
             "sample-wise alloc / step alloc": _ratio(a.get("samplewise"), a.get("step")),
             "floor alloc / step alloc": _ratio(a.get("floor"), a.get("step")),
             **{column: value for implementation, name in VARIANT_COLUMNS.items()
-               for column, value in _variant_columns(name, implementation, s, m, a).items()},
+               for column, value in _variant_columns(name, implementation, s, m, a, per_step).items()},
             "routes (sample-wise)": routes.get((model, n)),
             "skipped": "; ".join(f"{reason} ({', '.join(measures)})"
                                  for reason, measures in skipped[(model, n)].items()) or None,
@@ -262,8 +268,8 @@ VARIANT_COLUMNS = {  # implementation: its columns' prefix
 }
 
 
-def _variant_columns(name: str, implementation: str, s: dict, m: dict, a: dict) -> dict:
-    return {f"{name} s": s.get(implementation), f"{name} / step": _ratio(s.get(implementation), s.get("step")),
+def _variant_columns(name: str, implementation: str, s: dict, m: dict, a: dict, per_step) -> dict:
+    return {f"{name} s": s.get(implementation), f"{name} / step": per_step(implementation),
             f"{name} MB": m.get(implementation), f"{name} alloc MB": a.get(implementation),
             f"{name} MB / step MB": _ratio(m.get(implementation), m.get("step")),
             f"{name} alloc / step alloc": _ratio(a.get(implementation), a.get("step"))}
@@ -340,7 +346,8 @@ def _samplewise_notes(table: list[dict]) -> str:
 
 
 SAMPLEWISE_NOTES = (
-    "step: one training step (forward + backward). sample-wise: nio_fast.gradcosine(sub_batches=\"samples\", "
+    "step: one training step (forward + backward); '/ step': a call's median seconds over the median of the "
+    "training steps timed between its own rounds (side by side: the step case runs minutes apart). sample-wise: nio_fast.gradcosine(sub_batches=\"samples\", "
     "mode=\"factors\", create_graph=True) and autograd.grad(value, params), one NIO-like evaluation (routes: "
     "how many parameter tensors took each route of nio_fast.samplewise). recompute: the same with every residual "
     "block (ResNet) or encoder layer (ViT) passed as recompute=, recomputed instead of kept "

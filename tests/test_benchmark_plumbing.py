@@ -181,6 +181,12 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert skipped["vmap s"] is None and skipped["vmap / sample-wise"] is None
     assert skipped["skipped"] == "vmap skipped: per-sample gradients need ~8.0 GB (seconds, memory)"
 
+    # Steps timed between a case's own rounds, where recorded, are its '/ step' unit.
+    side_by_side = [{**r, "step_seconds": 0.5} if (r["model"], r["N"], r["implementation"]) == ("fast", 16, "samplewise")
+                    else r for r in timing]
+    first_side_by_side = report._samplewise_rows(side_by_side, memory)[0]
+    assert first_side_by_side["sample-wise / step"] == 4.0 and first_side_by_side["step s"] == 1.0
+
     notes = report._samplewise_notes(table).splitlines()
     assert len(notes) == 2
     fast, slow = notes
