@@ -4,7 +4,8 @@ and a transposed one) against autograd's derivative of the rows."""
 import pytest
 import torch
 
-from nio_fast.samplewise.factors import conv_weight_per_sample, conv_weight_per_sample_backward
+from nio_fast.samplewise import factors
+from nio_fast.samplewise.factors import chunk_sums, conv_weight_per_sample, conv_weight_per_sample_backward
 from nio_fast.samplewise.recorder import CONV, LayerUse
 
 # (spatial input size, weight shape, stride, padding, dilation, groups)
@@ -63,3 +64,43 @@ def test_rows_and_their_cotangents_match_autograd(size, weight_shape, stride, pa
     torch.testing.assert_close(got_output_grad, expected_output_grad, rtol=rtol, atol=rtol)
     assert conv_weight_per_sample_backward(use, output_grad.detach(), weight_shape, grad_rows, False, False) == \
         (None, None)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("bounds", [[(0, 2), (2, 4), (4, 6)], [(0, 3), (3, 6)], [(0, 6)]])
+@pytest.mark.parametrize("size,weight_shape,stride,padding,dilation,groups", CASES)
+def test_grouped_chunk_sums_equal_one_call_per_chunk(size, weight_shape, stride, padding, dilation, groups, bounds,
+                                                    dtype, rtol, monkeypatch):
+    """Equal chunks on small maps take one weight-gradient convolution grouped over the chunks:
+    the same chunk sums, and the same cotangents of input and output gradient, as one plain call
+    per chunk, and as autograd's sum of each chunk's samples' gradients."""
+    torch.manual_seed(1)
+    num = 6
+    x = torch.randn(num, weight_shape[1] * groups, *size, dtype=dtype, requires_grad=True)
+    weight = torch.randn(weight_shape, dtype=dtype)
+    output = _conv(x, weight, stride, padding, dilation, groups)
+    output_grad = torch.randn_like(output).requires_grad_()
+    use = _use(x, stride, padding, dilation, groups)
+    assert factors._grouped_chunks_pay(x, output_grad, bounds) == (len(bounds) > 1)
+
+    grouped = chunk_sums(use, output_grad, weight_shape, bounds)
+    monkeypatch.setattr(factors, "_grouped_chunks_pay", lambda *args: False)
+    per_chunk = chunk_sums(use, output_grad, weight_shape, bounds)
+    weight = weight.requires_grad_()
+    for k, (start, end) in enumerate(bounds):
+        expected, = torch.autograd.grad(_conv(x[start:end], weight, stride, padding, dilation, groups), weight,
+                                        output_grad[start:end])
+        torch.testing.assert_close(per_chunk[k], expected.reshape(-1), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(grouped, per_chunk, rtol=rtol, atol=rtol)
+    cotangent = torch.randn_like(grouped)
+    for got, expected in zip(torch.autograd.grad(grouped, (x, output_grad), cotangent),
+                             torch.autograd.grad(per_chunk, (x, output_grad), cotangent)):
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+
+
+def test_chunk_sums_stay_one_call_per_chunk_on_large_maps_and_unequal_chunks():
+    x, output_grad = torch.randn(8, 3, 32, 32), torch.randn(8, 4, 16, 16)
+    assert factors._grouped_chunks_pay(x, output_grad, [(0, 4), (4, 8)])
+    assert not factors._grouped_chunks_pay(x, torch.randn(8, 4, 17, 16), [(0, 4), (4, 8)])  # 272 positions
+    assert not factors._grouped_chunks_pay(x, output_grad, [(0, 5), (3, 8)])  # overlapping
+    assert not factors._grouped_chunks_pay(x, output_grad, [(0, 3), (3, 6)])  # not the whole batch

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nio_fast
+from nio_fast.algorithms import gradcosine
 from nio_fast.samplewise import engine
 from nio_fast.samplewise.recorder import indices_in
 from models import batch_for, make_model
@@ -184,10 +185,12 @@ def test_samplewise_nio_matches_the_reference_loop():
         assert_near(mine.detach(), theirs.detach(), 1e-8, name)
 
 
-def test_auto_takes_factors_where_per_chunk_would_loop():
+def test_auto_takes_factors_on_a_gpu_where_vmap_cannot_run(monkeypatch):
+    monkeypatch.setattr(gradcosine, "_on_cpu", lambda inputs: False)  # the GPU's choices, on CPU tensors
     # equal chunks on a vmappable model: vmap over chunks stays the choice
     model, batch = build("mlp", torch.float64)
     assert nio_fast.gradcosine(model, batch, sub_batches=3).mode == "per_chunk"
+    assert gradcosine._VMAP_VERDICT.get(model) is True
     # unequal chunks (overlap): the loop would run, factors replaces it
     assert check_against_reference(model, batch, 1e-10, sub_batches=3, overlap=0.3).mode == "factors"
     # layer_norm: vmap is refused on the first call (loop), factors from the second on
@@ -196,16 +199,19 @@ def test_auto_takes_factors_where_per_chunk_would_loop():
     assert check_against_reference(model, batch, 1e-10, sub_batches=3).mode == "factors"
 
 
-def test_auto_takes_factors_for_chunks_of_16_to_31_samples_on_the_cpu():
-    """Where the CPU loops over chunks of 16+ samples instead of vmapping, factors takes chunks
-    below 32 samples (faster there side by side, gradcosine._LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES)."""
+def test_auto_takes_factors_for_chunks_below_32_samples_on_the_cpu():
+    """On the CPU factors replaces vmap and the loop for chunks below 32 samples (faster there side
+    by side, gradcosine._FACTORS_VERDICT's comment); the loop stays from 32
+    (gradcosine._LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
     batch = (torch.randn(64, 5, dtype=torch.float64), torch.randint(0, 3, (64,)))
     assert check_against_reference(model, batch, 1e-10, sub_batches=4).mode == "factors"  # 16 a chunk
     assert check_against_reference(model, batch, 1e-10, sub_batches=2).mode == "per_chunk"  # 32 a chunk
     assert nio_fast.gradcosine(model, (batch[0][:62], batch[1][:62]), sub_batches=2).mode == "factors"  # 31
-    assert nio_fast.gradcosine(model, batch, sub_batches=8).mode == "per_chunk"  # 8 a chunk: vmap
+    assert check_against_reference(model, batch, 1e-10, sub_batches=8).mode == "factors"  # 8 a chunk
+    assert check_against_reference(model, batch, 1e-10, sub_batches=32).mode == "factors"  # 2 a chunk
+    assert gradcosine._VMAP_VERDICT.get(model) is None  # vmap never ran
 
 
 def test_auto_keeps_the_loop_for_a_loss_that_is_not_a_sample_mean():

@@ -99,6 +99,12 @@ def chunk_bounds(num: int, num_chunks: int, overlap: float) -> list[tuple[int, i
     return bounds
 
 
+def equal_chunks(bounds: list[tuple[int, int]]) -> bool:
+    """The chunks tile the batch in equal parts (overlap 0 and D divides N)."""
+    length = bounds[0][1] - bounds[0][0]
+    return all(start == k * length and end == (k + 1) * length for k, (start, end) in enumerate(bounds))
+
+
 def to_device(obj: Any, device: torch.device) -> Any:
     """Move every tensor in ``obj`` to ``device`` (no copy when already there)."""
     if isinstance(obj, torch.Tensor):

@@ -14,10 +14,10 @@ Three ways to get the Gram of the D chunk gradients, equal whenever no layer cou
   forward, one backward), reduced to the chunks' Gram by their averaging weights, or, for
   linear and convolution weights where cheaper, their chunk gradients reduced straight from
   the chunks' rows. It is how ``sub_batches="samples"`` (D = N) runs by default, and
-  what ``"auto"`` takes instead of the per_chunk LOOP where the loop runs because vmap cannot
-  (unequal chunks, a model vmap refuses) or for chunks of 16 to 31 samples on the CPU (not
-  instead of vmap, nor of the loop for chunks of 32+), when every parameter has a factor rule and
-  the chunk loss is the mean of its samples' losses.
+  what ``"auto"`` takes instead of per_chunk, when every parameter has a factor rule and the
+  chunk loss is the mean of its samples' losses: on the CPU for chunks of fewer than 32 samples
+  (instead of vmap and of the loop; the loop stays from 32), on a GPU where vmap cannot run
+  (unequal chunks, a model vmap refuses) instead of the loop.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .. import ops
-from .batching import call_model, chunk_bounds, first_tensor, num_samples, slice_rows
+from .batching import call_model, chunk_bounds, equal_chunks, first_tensor, num_samples, slice_rows
 from .model_state import couples_samples
 from .recompute import recomputed_exact_gram
 
@@ -155,12 +155,6 @@ class _CallRecorder(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def equal_chunks(bounds: Sequence[tuple[int, int]]) -> bool:
-    """The chunks tile the batch in equal parts (overlap 0 and D divides N)."""
-    length = bounds[0][1] - bounds[0][0]
-    return all(start == k * length and end == (k + 1) * length for k, (start, end) in enumerate(bounds))
-
-
 def _split_leading(obj: Any, num_chunks: int) -> tuple[list, list, Any]:
     """Flatten ``obj``; tensors with a batch dimension become [D, N/D, ...] views (vmapped at 0)."""
     leaves, spec = tree_flatten(obj)
@@ -200,10 +194,13 @@ def vmapped_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn
 _LOOP_FROM_CHUNK_SAMPLES = 16
 
 
-def _loop_is_faster(inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
+def _on_cpu(inputs: Any) -> bool:
     first = first_tensor(inputs)
-    on_cpu = first is None or first.device.type == "cpu"
-    return on_cpu and min(end - start for start, end in bounds) >= _LOOP_FROM_CHUNK_SAMPLES
+    return first is None or first.device.type == "cpu"
+
+
+def _loop_is_faster(inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
+    return _on_cpu(inputs) and min(end - start for start, end in bounds) >= _LOOP_FROM_CHUNK_SAMPLES
 
 
 def per_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
@@ -298,12 +295,13 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, bounds, mode)
 
 
-# Per model: whether "auto" may take "factors" where per_chunk would loop over chunks (True),
-# or why not (a string). The loop costs one forward and backward per chunk, so its time grows
-# with D (the small ViT: 3.1 training steps at D = 2, 5.8 at D = 16, benchmarks/results/
-# iteration.md); "factors" is one forward and one backward whatever D. vmap over chunks, where it
-# runs, is as cheap and stays the choice (GroupNorm ResNet-20, N = 64, side by side: 4.4 training
-# steps against 4.7 for factors at D = 8, a tie at D = 16).
+# Per model: whether "auto" may take "factors" where per_chunk would loop or vmap over chunks
+# (True), or why not (a string). The loop costs one forward and backward per chunk, so its time
+# grows with D (the small ViT: 3.1 training steps at D = 2, 5.8 at D = 16, benchmarks/results/
+# iteration.md); "factors" is one forward and one backward whatever D. On the CPU it also beats
+# vmap over chunks, whose convolutions mkldnn runs grouped: GroupNorm ResNet-20, N = 64, side by
+# side (7 rounds), 0.81x vmap's time at D = 8 and 0.82x at D = 16 once its chunk sums of small maps
+# took one grouped call (factors.chunk_sums; 0.95x and 1.09x before). On a GPU vmap stays.
 _FACTORS_VERDICT: "weakref.WeakKeyDictionary[nn.Module, Union[bool, str]]" = weakref.WeakKeyDictionary()
 
 # On the CPU, where the loop runs for chunks of 16+ samples, "factors" replaces it below this many:
@@ -320,7 +318,7 @@ def _factors_replace_loop(model: nn.Module, inputs: Any, bounds: Sequence[tuple[
     if _loop_is_faster(inputs, bounds):  # the loop, not vmap, would run
         return min(end - start for start, end in bounds) < _LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES
     vmap_will_run = equal_chunks(bounds) and _VMAP_VERDICT.get(model) in (None, True)
-    return not vmap_will_run
+    return not vmap_will_run or _on_cpu(inputs)
 
 
 def _factors_instead_of_loop(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..algorithms.batching import equal_chunks
 from ..ops import group_norm_weight_per_sample, layer_norm_weight_per_sample
 from .recorder import BROADCAST, CONV, EMBEDDING, GROUP_NORM, LAYER_NORM, LINEAR, LayerUse
 
@@ -173,19 +174,47 @@ def chunk_sums(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[
                bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
     """[D, numel]: ``sum_{i in chunk k} g_i`` of a linear or conv weight for chunk rows
     ``start:end``, each one weight-gradient reduction over the chunk's samples (overlapping
-    chunks each reduce their own rows). The convolutions run as D plain weight-gradient calls
-    rather than one grouped over the chunks: mkldnn's grouped kernels ran 1.5-2x slower per
-    FLOP on the GroupNorm ResNet-20 (2 CPU cores, N = 64, D = 4)."""
+    chunks each reduce their own rows). Convolutions run as D plain weight-gradient calls, or as
+    one grouped over the chunks where that is faster (:func:`_grouped_chunks_pay`)."""
     if use.kind == LINEAR:
         a, b = outer_factors(use, output_grad, weight_shape)
         rows = [b_k.reshape(-1, b.shape[-1]).T @ a_k.reshape(-1, a.shape[-1])
                 for a_k, b_k in zip(chunk_rows(a, bounds), chunk_rows(b, bounds))]
-    else:
-        x, padding = _padded_input(use, weight_shape)
-        rows = [_conv_weight_grad(x_k, weight_shape, b_k, stride=use.config["stride"], padding=padding,
-                                  dilation=use.config["dilation"], groups=use.config["groups"])
-                for x_k, b_k in zip(chunk_rows(x, bounds), chunk_rows(output_grad, bounds))]
+        return torch.stack([row.reshape(-1) for row in rows])
+    x, padding = _padded_input(use, weight_shape)
+    settings = dict(stride=use.config["stride"], padding=padding, dilation=use.config["dilation"])
+    if _grouped_chunks_pay(x, output_grad, bounds):
+        return _grouped_conv_chunk_sums(x, output_grad, weight_shape, len(bounds), use.config["groups"], settings)
+    rows = [_conv_weight_grad(x_k, weight_shape, b_k, groups=use.config["groups"], **settings)
+            for x_k, b_k in zip(chunk_rows(x, bounds), chunk_rows(output_grad, bounds))]
     return torch.stack([row.reshape(-1) for row in rows])
+
+
+# mkldnn's grouped weight-gradient kernels run slower per FLOP than plain ones on large maps and
+# faster on small ones. Chunk sums of a 3x3 convolution, N = 64, 2 CPU cores, with their backward,
+# one grouped call against D plain ones: 32x32 maps with 16 channels 1.45-1.83x the time at D = 8
+# and 16; 16x16 maps with 32 channels 0.56-0.87x and 8x8 with 64 0.42-0.88x at D = 4 to 16.
+_GROUPED_CHUNKS_UP_TO_POSITIONS = 256
+
+
+def _grouped_chunks_pay(x: torch.Tensor, output_grad: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> bool:
+    """One grouped call for equal chunks tiling the batch, on the CPU, at small output maps."""
+    return x.device.type == "cpu" and len(bounds) > 1 and bounds[-1][1] == x.shape[0] and equal_chunks(bounds) \
+        and math.prod(output_grad.shape[2:]) <= _GROUPED_CHUNKS_UP_TO_POSITIONS
+
+
+def _grouped_conv_chunk_sums(x: torch.Tensor, output_grad: torch.Tensor, weight_shape: Sequence[int], chunks: int,
+                             groups: int, settings: dict) -> torch.Tensor:
+    """[D, numel] chunk sums of a conv weight for D equal chunks as ONE weight-gradient
+    convolution: the chunks side by side as channel groups ([N/D, D * C, ...]), so that the
+    batch reduction sums each chunk's samples only."""
+    def side_by_side(t: torch.Tensor) -> torch.Tensor:
+        per_chunk = t.reshape(chunks, t.shape[0] // chunks, *t.shape[1:])
+        return per_chunk.transpose(0, 1).reshape(t.shape[0] // chunks, chunks * t.shape[1], *t.shape[2:])
+    stacked_shape = (chunks * weight_shape[0],) + tuple(weight_shape[1:])
+    grads = _conv_weight_grad(side_by_side(x), stacked_shape, side_by_side(output_grad), groups=chunks * groups,
+                              **settings)
+    return grads.reshape(chunks, -1)
 
 
 def outer_factors(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[int]
