@@ -166,6 +166,19 @@ def _samplewise_raw_rows():
     return timing, memory
 
 
+def _with_cases(timing, memory, cases):
+    """The report's rows with ``cases`` ((implementation, seconds, extra_mb, allocated_mb)) also
+    measured for ("fast", N = 64), that row and the fast model's note."""
+    timing, memory = list(timing), list(memory)
+    for implementation, seconds, extra_mb, allocated_mb in cases:
+        case = {"model": "fast", "N": 64, "implementation": implementation}
+        timing.append({**case, "seconds": seconds})
+        memory.append({**case, "threads": 2, "extra_mb": extra_mb, "allocated_mb": allocated_mb})
+    table = report._samplewise_rows(timing, memory)
+    row = next(r for r in table if (r["model"], r["N"]) == ("fast", 64))
+    return table, row, report._samplewise_notes(table).splitlines()[0]
+
+
 def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypatch):
     timing, memory = _samplewise_raw_rows()
     table = report._samplewise_rows(timing, memory)
@@ -182,8 +195,8 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert skipped["skipped"] == "vmap skipped: per-sample gradients need ~8.0 GB (seconds, memory)"
 
     # Steps timed between a case's own rounds, where recorded, are its '/ step' unit.
-    side_by_side = [{**r, "step_seconds": 0.5} if (r["model"], r["N"], r["implementation"]) == ("fast", 16, "samplewise")
-                    else r for r in timing]
+    side_by_side = [{**r, "step_seconds": 0.5}
+                    if (r["model"], r["N"], r["implementation"]) == ("fast", 16, "samplewise") else r for r in timing]
     first_side_by_side = report._samplewise_rows(side_by_side, memory)[0]
     assert first_side_by_side["sample-wise / step"] == 4.0 and first_side_by_side["step s"] == 1.0
 
@@ -202,68 +215,48 @@ def test_samplewise_report_ratios_growth_and_target_verdicts(tmp_path, monkeypat
     assert "floor" not in fast  # not measured: no sentence about it
 
     # The floor, where measured, is set beside the targets.
-    floor_timing = timing + [{"model": "fast", "N": 64, "implementation": "floor", "seconds": 2.5}]
-    floor_memory = memory + [{"model": "fast", "N": 64, "implementation": "floor", "threads": 2, "extra_mb": 190.0,
-                              "allocated_mb": 176.0}]
-    with_floor = report._samplewise_rows(floor_timing, floor_memory)
-    fast_64 = next(r for r in with_floor if (r["model"], r["N"]) == ("fast", 64))
+    cases = [("floor", 2.5, 190.0, 176.0)]
+    with_floor, fast_64, floor_note = _with_cases(timing, memory, cases)
     assert (fast_64["floor s"], fast_64["floor / step"], fast_64["floor MB"]) == (2.5, 2.5, 190.0)
     assert (fast_64["floor alloc MB"], fast_64["floor alloc / step alloc"]) == (176.0, 2.2)
     assert with_floor[0]["floor s"] is None and with_floor[0]["floor / step"] is None
-    floor_note = report._samplewise_notes(with_floor).splitlines()[0]
     assert "floor (one backward with graph and one double backward over the whole batch, no per-sample Gram) " \
            "takes 2.50 training steps and 2.20x a step's allocated memory" in floor_note
     assert "recompute" not in floor_note.lower()  # not measured: no sentence about it
 
     # Recomputed segments, where measured, get their columns and their verdicts.
-    recompute_timing = timing + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute", "seconds": 6.0}]
-    recompute_memory = memory + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute", "threads": 2,
-                                  "extra_mb": 110.0, "allocated_mb": 96.0}]
-    with_recompute = report._samplewise_rows(recompute_timing, recompute_memory)
-    fast_64 = next(r for r in with_recompute if (r["model"], r["N"]) == ("fast", 64))
+    cases.append(("samplewise_recompute", 6.0, 110.0, 96.0))
+    with_recompute, fast_64, recompute_note = _with_cases(timing, memory, cases)
     assert (fast_64["recompute s"], fast_64["recompute / step"], fast_64["recompute MB"]) == (6.0, 6.0, 110.0)
     assert (fast_64["recompute alloc MB"], fast_64["recompute alloc / step alloc"]) == (96.0, 1.2)
     assert fast_64["recompute MB / step MB"] == 1.1 and with_recompute[0]["recompute s"] is None
-    recompute_note = report._samplewise_notes(with_recompute).splitlines()[0]
     assert "Recomputing every residual block / encoder layer (recompute=) instead: 6.00 training steps " \
            "(target: MISSED), 1.20x a step's allocated memory (target: met) and 1.10x its resident memory" \
            in recompute_note
     assert "first half" not in recompute_note  # not measured: no sentence about it
-    half_timing = recompute_timing + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute_half",
-                                       "seconds": 4.5}]
-    half_memory = recompute_memory + [{"model": "fast", "N": 64, "implementation": "samplewise_recompute_half",
-                                       "threads": 2, "extra_mb": 150.0, "allocated_mb": 144.0}]
-    with_half = report._samplewise_rows(half_timing, half_memory)
-    fast_64 = next(r for r in with_half if (r["model"], r["N"]) == ("fast", 64))
+    cases.append(("samplewise_recompute_half", 4.5, 150.0, 144.0))
+    _, fast_64, half_note = _with_cases(timing, memory, cases)
     assert (fast_64["half recompute / step"], fast_64["half recompute alloc / step alloc"]) == (4.5, 1.8)
     assert fast_64["recompute / step"] == 6.0  # the other variant's columns stay its own
-    half_note = report._samplewise_notes(with_half).splitlines()[0]
     assert "Recomputing the first half of the residual blocks / encoder layers (recompute=) instead: 4.50 " \
            "training steps (target: met), 1.80x a step's allocated memory (target: met) and 1.50x its resident " \
            "memory" in half_note
     assert "NIO's own" not in half_note  # not measured: no sentence about it
-    nio_timing = half_timing + [{"model": "fast", "N": 64, "implementation": "nio_samples", "seconds": 5.5}]
-    nio_memory = half_memory + [{"model": "fast", "N": 64, "implementation": "nio_samples", "threads": 2,
-                                 "extra_mb": 300.0, "allocated_mb": 168.0}]
-    with_nio = report._samplewise_rows(nio_timing, nio_memory)
-    fast_64 = next(r for r in with_nio if (r["model"], r["N"]) == ("fast", 64))
+
+    # NIO's own iteration, kept and with half of the segments recomputed.
+    cases.append(("nio_samples", 5.5, 300.0, 168.0))
+    _, fast_64, nio_note = _with_cases(timing, memory, cases)
     assert (fast_64["NIO iteration / step"], fast_64["NIO iteration alloc / step alloc"]) == (5.5, 2.1)
     assert fast_64["sample-wise / step"] == 3.0  # the evaluation's columns stay its own
-    nio_note = report._samplewise_notes(with_nio).splitlines()[0]
     assert "NIO's own sample-wise iteration (scale gradients only, linear and convolution weights' from probes, " \
            "and the scale update): 5.50 training steps (target: MISSED), 2.10x a step's allocated memory " \
            "(target: MISSED) and 3.00x its resident memory" in nio_note
     assert "NIO's iteration with" not in nio_note
-    nio_half_timing = nio_timing + [{"model": "fast", "N": 64, "implementation": "nio_samples_recompute_half",
-                                     "seconds": 4.8}]
-    nio_half_memory = nio_memory + [{"model": "fast", "N": 64, "implementation": "nio_samples_recompute_half",
-                                     "threads": 2, "extra_mb": 200.0, "allocated_mb": 152.0}]
-    with_nio_half = report._samplewise_rows(nio_half_timing, nio_half_memory)
-    fast_64 = next(r for r in with_nio_half if (r["model"], r["N"]) == ("fast", 64))
+    cases.append(("nio_samples_recompute_half", 4.8, 200.0, 152.0))
+    _, fast_64, nio_half_note = _with_cases(timing, memory, cases)
     assert (fast_64["NIO iteration, half recompute / step"],
             fast_64["NIO iteration, half recompute alloc / step alloc"]) == (4.8, 1.9)
     assert fast_64["NIO iteration / step"] == 5.5 and fast_64["half recompute / step"] == 4.5
-    nio_half_note = report._samplewise_notes(with_nio_half).splitlines()[0]
     assert "NIO's iteration with the first half of the residual blocks / encoder layers recomputed: 4.80 " \
            "training steps (target: met), 1.90x a step's allocated memory (target: met) and 2.00x its resident " \
            "memory" in nio_half_note
