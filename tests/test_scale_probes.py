@@ -291,3 +291,40 @@ def test_the_demo_setting_runs_every_iteration_with_probes():
     report = nio_fast.initialize(model, data, iters=60, gamma=5.0, progress=False, seed=0)
     # a bias scale reaches its bound 0 on the way (iteration 49 stopped with a 0 / 0 before the fix)
     assert report.iterations == 60 and report.stop_reason is None
+
+
+class WithAnUnknownLayer(nn.Module):
+    """Linear layers (probed) around a weight used through torch.matmul (no factor rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(5, 6)
+        self.unknown = nn.Parameter(torch.randn(6, 6) / 6 ** 0.5)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(torch.tanh(self.inp(x)) @ self.unknown))
+
+
+def test_auto_falls_back_from_factors_before_the_autograd_route_with_exact_probed_scales(monkeypatch):
+    """On the CPU "auto" tries the factor engine for small chunks; a weight without a factor rule
+    sends it back to per_chunk (vmap) after the forward and backward, before one backward per
+    sample, and the probes forget the abandoned attempt's routing (else the Linear weights' scale
+    gradients would be read from probes the vmap graph never used: zero)."""
+    from nio_fast.samplewise import engine
+    torch.manual_seed(0)
+    model, twin = WithAnUnknownLayer().double(), WithAnUnknownLayer().double()
+    twin.load_state_dict(model.state_dict())
+    batch = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    # factors by name first (the autograd route is taken there): the loss is then known to be a
+    # per-sample mean, so the attempt below routes weights with a graph before it gives up
+    nio_fast.gradcosine(model, batch, sub_batches=8, mode="factors")
+    monkeypatch.setattr(engine, "_autograd_gram", lambda *args: pytest.fail("the autograd route ran"))
+    seen = _spy_probed(monkeypatch)
+    names = [n for n, _ in twin.named_parameters()]
+    expected, _ = reference_nio(twin, [batch], F.cross_entropy, names, list(twin.parameters()), iters=3,
+                                sub_batches=8)
+    report = nio_fast.initialize(model, batch, iters=3, sub_batches=8, progress=False)
+    assert seen == [0, 0, 0]  # vmap ran every iteration: nothing probed (the first one's attempt forgotten)
+    torch.testing.assert_close(torch.tensor([report.scales[n] for n in names]), torch.tensor(expected),
+                               rtol=1e-8, atol=1e-12)

@@ -279,6 +279,8 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
             result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
         if result is not None:
             return result
+        if probes is not None:  # the attempt routed weights of a graph that is now dropped
+            probes.forget()
     if mode == "per_chunk":
         grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph, probes)
     else:
@@ -324,16 +326,18 @@ def _factors_replace_loop(model: nn.Module, inputs: Any, bounds: Sequence[tuple[
 def _factors_instead_of_loop(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                              params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
                              create_graph: bool) -> Optional[GradCosineResult]:
-    """"factors" for "auto", or None where it does not apply (the loss is not a per-sample mean)."""
-    from ..samplewise.engine import AUTOGRAD
+    """"factors" for "auto", or None where it does not apply: the loss is not a per-sample mean, or
+    some parameter has no factor rule (found after the forward and backward, before the autograd
+    route's one backward per sample: per_chunk is exact for it at the cost of D chunk passes)."""
+    from ..samplewise.engine import NoFactorRule
     try:
-        result = _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph)
+        return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph,
+                                    autograd_route=False)
     except NotASampleMean as error:
         _FACTORS_VERDICT[model] = str(error)
-        return None
-    if AUTOGRAD in result.routes.values():  # exact, but one backward per sample: not again
-        _FACTORS_VERDICT[model] = "some parameters have no factor rule"
-    return result
+    except NoFactorRule as error:
+        _FACTORS_VERDICT[model] = f"some parameters have no factor rule ({error})"
+    return None
 
 
 class NotASampleMean(ValueError):
@@ -343,7 +347,7 @@ class NotASampleMean(ValueError):
 def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                          params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
                          create_graph: bool, segments: Sequence[nn.Module] = (),
-                         probes: Optional["ScaleProbes"] = None) -> GradCosineResult:
+                         probes: Optional["ScaleProbes"] = None, autograd_route: bool = True) -> GradCosineResult:
     """``"factors"``: the Gram of the chunk gradients from layer factors (``nio_fast.samplewise``;
     per-sample gradients the engine forms anyway are averaged into chunks before their Gram, the
     rest reduced as W^T G W).
@@ -357,7 +361,8 @@ def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: L
     if not per_sample:
         _check_mean_loss(model, inputs, targets, loss_fn, bounds)
     sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph,
-                             chunks=None if per_sample else bounds, segments=segments, probes=probes)
+                             chunks=None if per_sample else bounds, segments=segments, probes=probes,
+                             autograd_route=autograd_route)
     gram = sample.gram
     terms = ops.gradcosine_from_gram(gram)
     return GradCosineResult(terms.value, terms.norms, gram, terms.cosine, list(bounds), "factors", sample.routes)

@@ -142,6 +142,12 @@ class ScaleProbes(TorchFunctionMode):
         self.routed.update(routed)
         self.unprobed.update(unrouted)
 
+    def forget(self) -> None:
+        """Drop what the calls so far routed: an abandoned attempt (``"auto"`` trying the factor
+        engine) says nothing of the graph the evaluation then builds another way."""
+        self.routed.clear()
+        self.unprobed.clear()
+
     def for_tensors(self, tensors: Sequence[torch.Tensor], candidates: Sequence[bool]) -> "ScaleProbes":
         """A mode of the same kind over ``tensors`` (indices are positions in it), with probes of
         its own."""

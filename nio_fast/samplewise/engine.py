@@ -74,6 +74,11 @@ class SampleGram:
     """Parameter index -> why it took the autograd route."""
 
 
+class NoFactorRule(ValueError):
+    """Some parameters would take the autograd route, and the caller asked not to (it has a
+    cheaper exact way for such a model than one backward per sample)."""
+
+
 def per_sample_losses(outputs: Any, targets: Any, loss_fn: Callable, num: int) -> torch.Tensor:
     """[N]: the loss of every sample on its own, from the whole-batch outputs."""
     from ..algorithms.gradcosine import scalar_loss
@@ -348,7 +353,7 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
                     params: Sequence[torch.Tensor], create_graph: bool,
                     chunks: Optional[Sequence[tuple[int, int]]] = None,
                     segments: Sequence[torch.nn.Module] = (),
-                    probes: Optional["ScaleProbes"] = None) -> SampleGram:
+                    probes: Optional["ScaleProbes"] = None, autograd_route: bool = True) -> SampleGram:
     """The [N, N] per-sample Gram of ``model`` on one batch; see the module docstring.
 
     With ``chunks`` ((start, end) sample ranges, overlaps allowed), the [D, D] Gram of the chunk
@@ -363,7 +368,8 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     ``segments``: submodules recomputed instead of kept (:mod:`.segments`): the same Gram and
     gradients, with only their inputs and output gradients alive for the double backward.
     ``probes``: NIO's probe mode, entered by the caller; the segments route their own weights'
-    uses with probes of their own (:mod:`.segments`) and report to it.
+    uses with probes of their own (:mod:`.segments`) and report to it. ``autograd_route=False``:
+    raise :class:`NoFactorRule` instead of taking the autograd route (before its N backward passes).
     """
     num = num_samples(inputs)
     dtype = accumulation_dtype(params)  # fp64 when any parameter is, as for ops.gram
@@ -408,6 +414,8 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     parts += [part for part in grads[len(factored) + len(unseen):] if part is not None]
 
     reasons: dict[int, str] = {}
+    if unfactored and not autograd_route:
+        raise NoFactorRule("; ".join(sorted(set(unfactored.values()))))
     if unfactored:
         indices = sorted(unfactored)
         if losses is None:
