@@ -212,7 +212,8 @@ def _spy_probed(monkeypatch):
 
 
 @pytest.mark.parametrize("name,mode", [("mlp", "per_chunk"), ("gn_resnet", "per_chunk"), ("transformer", "per_chunk"),
-                                       ("odd", "per_chunk"), ("bn_cnn", "exact")])
+                                       ("odd", "per_chunk"), ("bn_cnn", "exact"), ("mlp", "factors"),
+                                       ("gn_resnet", "factors")])
 def test_nio_with_probes_matches_reference(monkeypatch, name, mode):
     seen = _spy_probed(monkeypatch)
     batches = [batch_for(name, 16) for _ in range(2)]

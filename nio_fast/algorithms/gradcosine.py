@@ -276,7 +276,7 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
     if requested == "auto" and mode == "per_chunk" and distributed is None and \
             _factors_replace_loop(model, inputs, bounds):
         with probes or contextlib.nullcontext():
-            result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph)
+            result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph, probes)
         if result is not None:
             return result
         if probes is not None:  # the attempt routed weights of a graph that is now dropped
@@ -325,14 +325,15 @@ def _factors_replace_loop(model: nn.Module, inputs: Any, bounds: Sequence[tuple[
 
 def _factors_instead_of_loop(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                              params: Sequence[torch.Tensor], bounds: Sequence[tuple[int, int]],
-                             create_graph: bool) -> Optional[GradCosineResult]:
+                             create_graph: bool, probes: Optional["ScaleProbes"] = None
+                             ) -> Optional[GradCosineResult]:
     """"factors" for "auto", or None where it does not apply: the loss is not a per-sample mean, or
     some parameter has no factor rule (found after the forward and backward, before the autograd
     route's one backward per sample: per_chunk is exact for it at the cost of D chunk passes)."""
     from ..samplewise.engine import NoFactorRule
     try:
         return _factored_gradcosine(model, inputs, targets, loss_fn, params, bounds, create_graph,
-                                    autograd_route=False)
+                                    probes=probes, autograd_route=False)
     except NotASampleMean as error:
         _FACTORS_VERDICT[model] = str(error)
     except NoFactorRule as error:
@@ -359,7 +360,8 @@ def _factored_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: L
     num = num_samples(inputs)
     per_sample = len(bounds) == num and all(end - start == 1 for start, end in bounds)
     if not per_sample:
-        _check_mean_loss(model, inputs, targets, loss_fn, bounds)
+        with probes.pausing() if probes is not None else contextlib.nullcontext():
+            _check_mean_loss(model, inputs, targets, loss_fn, bounds)
     sample = samplewise_gram(model, inputs, targets, loss_fn, params, create_graph,
                              chunks=None if per_sample else bounds, segments=segments, probes=probes,
                              autograd_route=autograd_route)

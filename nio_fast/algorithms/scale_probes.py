@@ -15,7 +15,8 @@ s_p = <dJ/dtheta_p, theta_p> / alpha_p is defined.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence
+import contextlib
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +75,12 @@ class ScaleProbes(TorchFunctionMode):
                                       requires_grad=True) for k in self.index.values()}
         self.routed: set[int] = set()
         self.unprobed: set[int] = set()
+        self.paused = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.paused:
+            return func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             # The decomposition that issues one F.linear per projection, with this mode re-entered.
             with self:
@@ -141,6 +145,17 @@ class ScaleProbes(TorchFunctionMode):
         """A segment's verdict on the tensors handed over: every use routed, or not."""
         self.routed.update(routed)
         self.unprobed.update(unrouted)
+
+    @contextlib.contextmanager
+    def pausing(self) -> Iterator[None]:
+        """Inside, calls pass through unseen: for forwards whose outputs no gradient is taken of
+        (the factor mode's no-grad check that a chunk's loss is its samples' mean), which would
+        otherwise count as uses the mode cannot route and cost the probes of that iteration."""
+        self.paused = True
+        try:
+            yield
+        finally:
+            self.paused = False
 
     def forget(self) -> None:
         """Drop what the calls so far routed: an abandoned attempt (``"auto"`` trying the factor
