@@ -317,10 +317,10 @@ _LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES = 32
 def _factors_replace_loop(model: nn.Module, inputs: Any, bounds: Sequence[tuple[int, int]]) -> bool:
     if _FACTORS_VERDICT.get(model, True) is not True:
         return False
-    if _loop_is_faster(inputs, bounds):  # the loop, not vmap, would run
+    if _on_cpu(inputs):  # instead of vmap and of the loop, up to the chunk size where the loop wins
         return min(end - start for start, end in bounds) < _LOOP_OVER_FACTORS_FROM_CHUNK_SAMPLES
     vmap_will_run = equal_chunks(bounds) and _VMAP_VERDICT.get(model) in (None, True)
-    return not vmap_will_run or _on_cpu(inputs)
+    return not vmap_will_run
 
 
 def _factors_instead_of_loop(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,

@@ -130,9 +130,19 @@ class SegmentCall:
             leaf = x.detach().requires_grad_()
             with probes or contextlib.nullcontext():
                 output = self.run(leaf)
+            self.note_probed(probes)
             grads = torch.autograd.grad(output, (leaf, *self.targets(probes)), grad_output,
                                         create_graph=create_graph, allow_unused=True)
-        return (grads[0], *self.split_gradients(probes, grads[1:]))
+        return (grads[0], *self.split_gradients(grads[1:]))
+
+    def gram_pass(self, x: torch.Tensor, grad_output: torch.Tensor, create_graph: bool, values: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, Optional["ScaleProbes"]]:
+        """(dL/dx, Gram part, the pass's probe mode): one pass of the engine's :data:`GramPass`
+        with this call's probe mode, its routing noted."""
+        probes = self.probe_mode()
+        grad_x, part = self.phase.gram_pass(self, x, grad_output, create_graph, values, probes)
+        self.note_probed(probes)
+        return grad_x, part, probes
 
     @property
     def probe_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -161,11 +171,10 @@ class SegmentCall:
         """What a pass differentiates by: per owned parameter, its probe where routed, else itself."""
         return self.params if probes is None else probes.targets()
 
-    def split_gradients(self, probes: Optional["ScaleProbes"], grads: Sequence[Optional[torch.Tensor]]
-                        ) -> tuple[Optional[torch.Tensor], ...]:
-        """The gradients of :meth:`targets` as those of the nodes' inputs: the parameters (None
-        for a probed weight), then :attr:`probes` (<dL/dW, W> of a probed weight, else None)."""
-        self.note_probed(probes)
+    def split_gradients(self, grads: Sequence[Optional[torch.Tensor]]) -> tuple[Optional[torch.Tensor], ...]:
+        """The gradients of :meth:`targets` (of a noted pass) as those of the nodes' inputs: the
+        parameters (None for a probed weight), then :attr:`probes` (<dL/dW, W> of a probed
+        weight, else None)."""
         position = {index: k for k, index in enumerate(self.indices)}
         params = [None if index in self.probed else grad for index, grad in zip(self.indices, grads)]
         probes_grads = [grads[position[index]] if index in self.probed else None for index in self.probes]
@@ -211,9 +220,7 @@ class _Segment(Function):
                 grad_x, part = _SegmentBackward.apply(call, keep_graph, x, grad_output, *call.params,
                                                       *call.probe_tensors)
             else:
-                probes = call.probe_mode()
-                grad_x, part = call.phase.gram_pass(call, x, grad_output, False, True, probes)
-                call.note_probed(probes)
+                grad_x, part, _ = call.gram_pass(x, grad_output, False, True)
             return (None, part, grad_x) + (None,) * (len(call.params) + len(call.probes))
         return (None, None, *call.input_gradient(x, grad_output, torch.is_grad_enabled()))
 
@@ -230,15 +237,12 @@ class _SegmentBackward(Function):
         ctx.call = call
         ctx.save_for_backward(x, grad_output)
         ctx.kept = None
-        probes = call.probe_mode()
         if not keep_graph:
-            result = call.phase.gram_pass(call, x, grad_output, False, True, probes)
-            call.note_probed(probes)
-            return result
+            grad_x, part, _ = call.gram_pass(x, grad_output, False, True)
+            return grad_x, part
         with torch.enable_grad():
             leaves = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
-            grad_x, part = call.phase.gram_pass(call, *leaves, True, True, probes)
-        call.note_probed(probes)
+            grad_x, part, probes = call.gram_pass(*leaves, True, True)
         ctx.kept = (leaves, grad_x, part, probes)
         return grad_x.detach(), part.detach()
 
@@ -251,9 +255,8 @@ class _SegmentBackward(Function):
                 (x_leaf, grad_leaf), grad_x, part, probes = ctx.kept
                 ctx.kept = None
             else:
-                probes = call.probe_mode()
                 x_leaf, grad_leaf = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
-                grad_x, part = call.phase.gram_pass(call, x_leaf, grad_leaf, True, False, probes)
+                grad_x, part, probes = call.gram_pass(x_leaf, grad_leaf, True, False)
             pairs = [(out, cot) for out, cot in ((grad_x, cot_grad_x), (part, cot_part))
                      if cot is not None and out.requires_grad]
             if not pairs:
@@ -261,7 +264,7 @@ class _SegmentBackward(Function):
             outputs, cotangents = zip(*pairs)
             grads = torch.autograd.grad(outputs, (x_leaf, grad_leaf, *call.targets(probes)), cotangents,
                                         allow_unused=True)
-        return (None, None, grads[0], grads[1], *call.split_gradients(probes, grads[2:]))
+        return (None, None, grads[0], grads[1], *call.split_gradients(grads[2:]))
 
 
 class Segments:
