@@ -44,22 +44,17 @@ RATIOS = {  # name: (numerator, denominator), per round
     "reference_steps": ("reference", "step"), "floor_steps": ("floor", "step"),
     "reference_over_floor": ("reference", "floor"),
     "samplewise_steps": ("samplewise", "step"), "samplewise_over_floor": ("samplewise", "floor"),
-    "recompute_steps": ("recompute", "step"), "recompute_over_samplewise": ("recompute", "samplewise"),
-    "recompute_half_steps": ("recompute_half", "step"),
-    "recompute_half_over_samplewise": ("recompute_half", "samplewise"),
+    "recompute_steps": ("samplewise_recompute", "step"),
+    "recompute_over_samplewise": ("samplewise_recompute", "samplewise"),
+    "recompute_half_steps": ("samplewise_recompute_half", "step"),
+    "recompute_half_over_samplewise": ("samplewise_recompute_half", "samplewise"),
     "nio_samples_steps": ("nio_samples", "step"), "nio_samples_over_samplewise": ("nio_samples", "samplewise"),
-    "nio_recompute_steps": ("nio_recompute", "step"), "nio_recompute_over_nio": ("nio_recompute", "nio_samples"),
-    "nio_recompute_half_steps": ("nio_recompute_half", "step"),
-    "nio_recompute_half_over_nio": ("nio_recompute_half", "nio_samples"),
+    "nio_recompute_steps": ("nio_samples_recompute", "step"),
+    "nio_recompute_over_nio": ("nio_samples_recompute", "nio_samples"),
+    "nio_recompute_half_steps": ("nio_samples_recompute_half", "step"),
+    "nio_recompute_half_over_nio": ("nio_samples_recompute_half", "nio_samples"),
     "nio_fast_growth": ("nio_fast_high", "nio_fast_low"), "reference_growth": ("reference_high", "reference_low"),
     "mode_speed_up": ("reference", "nio_fast_mode"), "mode_over_nio_fast": ("nio_fast_mode", "nio_fast"),
-}
-
-
-SAMPLES_CALLS = {  # name here: workloads.SAMPLEWISE_CALLS' name
-    "samplewise": "samplewise", "recompute": "samplewise_recompute", "recompute_half": "samplewise_recompute_half",
-    "nio_samples": "nio_samples", "nio_recompute": "nio_samples_recompute",
-    "nio_recompute_half": "nio_samples_recompute_half",
 }
 
 
@@ -78,8 +73,8 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, 
     model, batch = make(model_name, **options), images(batch_size)
     calls = {} if isinstance(sub_batches, tuple) else {"step": lambda: training_step(model, batch)}
     if sub_batches == "samples":
-        for name, implementation in SAMPLES_CALLS.items():
-            calls[name] = functools.partial(SAMPLEWISE_CALLS[implementation], model, batch)
+        for name, call in SAMPLEWISE_CALLS.items():
+            calls[name] = functools.partial(call, model, batch)
     elif isinstance(sub_batches, tuple):  # growth with D: the floor does not depend on it
         for level, chunks in zip(("low", "high"), sub_batches):
             calls[f"reference_{level}"] = functools.partial(reference_iteration, model, batch, chunks)

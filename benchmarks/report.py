@@ -1,9 +1,11 @@
 """Turn one benchmark run's medians into the ratio tables and plot in benchmarks/results/."""
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 import harness
 from harness import write_results
@@ -214,11 +216,11 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
     """One row per model and N: seconds and peak MB of a training step, sample-wise GradCosine with
     its backward (factors) and the vmap baseline, their ratios, and why a case was skipped."""
     seconds, megabytes, allocated, routes = defaultdict(dict), defaultdict(dict), defaultdict(dict), {}
-    in_steps = defaultdict(dict)  # each call's seconds over the training steps timed between its rounds
+    steps = defaultdict(dict)  # the median training step timed between each call's rounds
     skipped = defaultdict(lambda: defaultdict(list))  # (model, N) -> reason -> ["seconds", "memory"]
     for r in timing:
         seconds[(r["model"], r["N"])][r["implementation"]] = r.get("seconds")
-        in_steps[(r["model"], r["N"])][r["implementation"]] = _ratio(r.get("seconds"), r.get("step_seconds"))
+        steps[(r["model"], r["N"])][r["implementation"]] = r.get("step_seconds")
         if r.get("routes"):
             routes[(r["model"], r["N"])] = r["routes"]
     for r in memory:
@@ -231,11 +233,7 @@ def _samplewise_rows(timing: list[dict], memory: list[dict]) -> list[dict]:
     table = []
     for model, n in sorted(set(seconds) | set(megabytes)):
         s, m, a = seconds[(model, n)], megabytes[(model, n)], allocated[(model, n)]
-
-        def per_step(implementation, s=s, steps=in_steps[(model, n)]):
-            """Over the steps timed beside it; rows without them (older runs): over the step case."""
-            side_by_side = steps.get(implementation)
-            return side_by_side if side_by_side is not None else _ratio(s.get(implementation), s.get("step"))
+        per_step = functools.partial(_per_step, s, steps[(model, n)])
         table.append({
             "model": model, "N": n, "step s": s.get("step"), "sample-wise s": s.get("samplewise"),
             "vmap s": s.get("vmap_samples"), "floor s": s.get("floor"),
@@ -266,6 +264,12 @@ VARIANT_COLUMNS = {  # implementation: its columns' prefix
     "nio_samples": NIO_ITERATION,
     **{f"nio_samples{suffix}": f"{NIO_ITERATION}, {name}" for suffix, (name, _) in RECOMPUTED.items()},
 }
+
+
+def _per_step(seconds: dict, steps: dict, implementation: str) -> Optional[float]:
+    """A call's seconds over the training steps timed beside it; rows without them (older runs):
+    over the step case."""
+    return _ratio(seconds.get(implementation), steps.get(implementation) or seconds.get("step"))
 
 
 def _variant_columns(name: str, implementation: str, s: dict, m: dict, a: dict, per_step) -> dict:
@@ -347,7 +351,8 @@ def _samplewise_notes(table: list[dict]) -> str:
 
 SAMPLEWISE_NOTES = (
     "step: one training step (forward + backward); '/ step': a call's median seconds over the median of the "
-    "training steps timed between its own rounds (side by side: the step case runs minutes apart). sample-wise: nio_fast.gradcosine(sub_batches=\"samples\", "
+    "training steps timed between its own rounds (side by side: the step case runs minutes apart). "
+    "sample-wise: nio_fast.gradcosine(sub_batches=\"samples\", "
     "mode=\"factors\", create_graph=True) and autograd.grad(value, params), one NIO-like evaluation (routes: "
     "how many parameter tensors took each route of nio_fast.samplewise). recompute: the same with every residual "
     "block (ResNet) or encoder layer (ViT) passed as recompute=, recomputed instead of kept "

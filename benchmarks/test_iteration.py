@@ -8,7 +8,6 @@ benchmarks/results/iteration.{json,md,png}.
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch.nn.functional as F
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 import nio_fast
 from networks import images, make
 from reference import reference_nio
-from workloads import double_backward_floor, training_step
+from workloads import double_backward_floor, step_timer
 
 BATCH = 64
 D_SWEEP = (2, 4, 8, 16)
@@ -67,13 +66,7 @@ def time_against_steps(benchmark, record, model_name, batch_size, sub_batches, i
     iteration = IMPLEMENTATIONS[implementation]
     run = lambda: iteration(model, batch, sub_batches)  # noqa: E731
     steps = []
-
-    def time_a_step():
-        started = time.perf_counter()
-        training_step(model, batch)
-        steps.append(time.perf_counter() - started)
-
     benchmark.group = f"{model_name} N={batch_size} " + ("floor" if sub_batches is None else f"D={sub_batches}")
-    benchmark.pedantic(run, setup=time_a_step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, setup=step_timer(model, batch, steps), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     record("iteration", model=model_name, batch=batch_size, D=sub_batches, implementation=implementation,
            seconds=benchmark.stats.stats.median, step_seconds=statistics.median(steps[1:]))

@@ -46,7 +46,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -58,7 +57,7 @@ from nio_fast.algorithms.gradcosine import vmapped_chunk_gradients
 from nio_fast.algorithms.model_state import nio_modes
 from harness import synchronize
 from networks import images, make
-from workloads import SAMPLEWISE_CALLS, double_backward_floor, trainable, training_step
+from workloads import SAMPLEWISE_CALLS, double_backward_floor, step_timer, trainable, training_step
 
 QUICK = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_QUICK") == "1"
 LONG = os.environ.get("NIO_FAST_BENCH_SAMPLEWISE_LONG") == "1"
@@ -153,19 +152,10 @@ def test_samplewise_seconds(benchmark, record, model_name, n, implementation):
         last["result"] = evaluate(model, batch)
         synchronize()
 
-    def time_a_step():
-        """Before each round (untimed by pytest-benchmark): '/ step' ratios divide medians taken side
-        by side; the step case of the same group runs minutes apart, and on these shared cores a
-        step's time drifts by 30% between minutes (the small ViT's step: 0.111 s in one suite, 0.066 s
-        in the next, while its sample-wise evaluation went from 0.43 to 0.30 s)."""
-        if implementation != "step":
-            started = time.perf_counter()
-            training_step(model, batch)
-            synchronize()
-            steps.append(time.perf_counter() - started)
-
     rounds, warmup = schedule(model_name, n, implementation)
     benchmark.group = f"{model_name} N={n}"
+    # the step case of the same group runs minutes apart: each case times steps of its own
+    time_a_step = None if implementation == "step" else step_timer(model, batch, steps)
     benchmark.pedantic(run, setup=time_a_step, rounds=rounds, iterations=1, warmup_rounds=warmup)
     routes = route_summary(last["result"].routes) if implementation.startswith("samplewise") else None
     record("samplewise", **common, seconds=benchmark.stats.stats.median, rounds=rounds, warmup=warmup,

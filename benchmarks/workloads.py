@@ -3,12 +3,16 @@ double-backward floor and one sample-wise GradCosine evaluation (a module of its
 test file, so that scripts imported from tests/ do not meet tests' modules of the same name)."""
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import nio_fast
 from nio_fast.algorithms.model_state import nio_modes
+from harness import synchronize
 from networks import BasicBlock
 
 
@@ -20,6 +24,19 @@ def training_step(model, batch):
     model.train()
     inputs, targets = batch
     torch.autograd.grad(F.cross_entropy(model(inputs), targets), trainable(model))
+
+
+def step_timer(model, batch, seconds: list[float]) -> Callable[[], None]:
+    """A pytest-benchmark ``setup``: one training step before each round (untimed by pytest-benchmark),
+    its seconds appended to ``seconds``, so that '/ step' ratios divide medians taken side by side:
+    on these shared cores a step's time drifts by 30% between minutes (the small ViT's step: 0.111 s
+    in one sample-wise suite, 0.066 s in the next)."""
+    def time_a_step() -> None:
+        started = time.perf_counter()
+        training_step(model, batch)
+        synchronize()
+        seconds.append(time.perf_counter() - started)
+    return time_a_step
 
 
 def double_backward_floor(model, batch, sub_batches=None):
