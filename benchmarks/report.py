@@ -132,10 +132,14 @@ def _beside_reference(rows: list[dict], case, reference_backend: str = "torch"):
         yield r, reference / r["seconds"] if reference and r["seconds"] else None
 
 
-# table of benchmarks/test_normalization.py -> (layer, what its notes add)
-NORMALIZATION_TABLES = {"group_norm": ("GroupNorm", "8 groups."),
-                        "batch_norm": ("BatchNorm", "Batch statistics, no running buffers."),
-                        "layer_norm": ("LayerNorm", "Normalised over the last axis (features).")}
+# table of benchmarks/test_normalization.py -> (layer, PyTorch's function, what its notes add)
+NORMALIZATION_TABLES = {"group_norm": ("GroupNorm", "F.group_norm", "8 groups."),
+                        "batch_norm": ("BatchNorm", "F.batch_norm", "Batch statistics, no running buffers."),
+                        "layer_norm": ("LayerNorm", "F.layer_norm", "Normalised over the last axis (features)."),
+                        "attention": ("Attention", "F.scaled_dot_product_attention",
+                                      "Shapes [batch, heads, tokens, head width], no mask; native runs PyTorch's "
+                                      "math path (its one twice-differentiable attention). cpp: the softmax part of "
+                                      "the double backward in one fused pass (csrc/attention.cpp).")}
 
 
 def _normalization_rows(rows: list[dict]) -> list[dict]:
@@ -454,10 +458,9 @@ def write_tables(tables: dict[str, list[dict]], machine: dict) -> None:
                             "gradients; W [N, D] the chunks' averaging weights (overlap 0.5: twice the nonzeros). "
                             "torch: dense matmuls; cpp: the extension's sparse kernels. forward+backward: the "
                             "gradient with respect to G or V as well.")
-    for name, (layer, what) in NORMALIZATION_TABLES.items():
+    for name, (layer, native, what) in NORMALIZATION_TABLES.items():
         if tables.get(name):
             table = _normalization_rows(tables[name])
-            native = f"F.{name}"
             write_results(name, table, list(table[0]), f"{layer}: {native} against nio_fast.ops.{name} (medians of 7)",
                           notes="second order: forward, backward with a graph, and the backward of the squared "
                                 f"gradients (what an NIO iteration does with each {layer}); first order: forward "

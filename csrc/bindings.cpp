@@ -1,8 +1,9 @@
 // Python module nio_fast._C: argument conversion and the GIL only; the work
 // is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp, chunk_reduce.cpp,
-// group_norm.cpp, batch_norm.cpp and layer_norm.cpp.
+// group_norm.cpp, batch_norm.cpp, layer_norm.cpp and attention.cpp.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "batch_norm.h"
 #include "chunk_reduce.h"
 #include "cpu_kernels.h"
@@ -118,6 +119,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("grad_out"), py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("weight"), py::arg("u"),
       py::arg("p"), py::arg("q"), py::call_guard<py::gil_scoped_release>(),
       "VJP of LayerNorm's backward on [R, E] rows with cotangents (u, p, q), CPU: (d grad_out, d x, d weight [E]).");
+  m.def(
+      "attention_softmax_double_backward_",
+      [](const at::Tensor& probabilities, at::Tensor grad_p, at::Tensor cot_grad_scores, at::Tensor cot_p,
+         double scale) {
+        nio_fast::attention_softmax_double_backward_(probabilities, grad_p, cot_grad_scores, cot_p, scale);
+      },
+      py::arg("probabilities"), py::arg("grad_p"), py::arg("cot_grad_scores"), py::arg("cot_p"), py::arg("scale"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Attention's softmax double backward in place, CPU: grad_p <- dS, cot_grad_scores (H / scale) <- GdP, "
+      "cot_p <- GS (nio_fast/ops/attention.py).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").

@@ -38,7 +38,7 @@ def check_against_reference(model, batch, rtol, **kwargs):
     gc, norms, gram, theirs = reference(model, batch, params, chunks, kwargs.get("overlap", 0.0))
     assert_near(result.gram, gram, rtol, "Gram")
     assert_near(result.norms, norms, rtol, "norms")
-    assert abs(float(result.value) - float(gc)) <= rtol * max(1.0, abs(float(gc))), "GradCosine"
+    assert abs(float(result.value.detach()) - float(gc.detach())) <= rtol * max(1.0, abs(float(gc.detach()))), "GradCosine"
     scale = max(float(ref.norm()) for ref in theirs if ref is not None)
     for name, mine, ref, p in zip(names, ours, theirs, params):
         mine = torch.zeros_like(p) if mine is None else mine

@@ -5,6 +5,7 @@ peak a long sequence needs; routing; NIO's use of it."""
 import importlib
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nio_fast
-from nio_fast import ops
+from nio_fast import availability, ops
 from nio_fast.algorithms.model_state import nio_modes
 from norm_checks import assert_near, derivatives, random
 
@@ -236,6 +237,71 @@ def test_nio_modes_route_a_transformers_attention_and_keep_gradcosine():
     assert_near(value, value_math, torch.float64)
     for mine, reference in zip(grads, grads_math):
         assert_near(mine, reference, torch.float64)
+
+
+KERNEL_BUILT = availability.extension() is not None
+
+
+def softmax_second_order_inputs(shape, dtype, gen, empty_row=False):
+    """(P, dP, H / scale, dO gv^T) of one tile: probabilities of fresh scores (with a row of
+    zeros, as a fully masked row gives, when asked) and fresh values for the rest."""
+    p = torch.softmax(random(shape, torch.float64, gen) * 3, -1)
+    if empty_row:
+        p[(0,) * (len(shape) - 1)] = 0.0
+    return (p.to(dtype), *(random(shape, dtype, gen) for _ in range(3)))
+
+
+@pytest.mark.skipif(not KERNEL_BUILT, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 1, 1), (1, 3, 1500), (4, 9, 64)], ids=lambda s: "x".join(map(str, s)))
+def test_cpp_softmax_double_backward_equals_the_twin(dtype, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    p, grad_p, unscaled_h, cot_p = softmax_second_order_inputs(shape, dtype, gen, empty_row=True)
+    theirs = attention_module._softmax_second_order(p, grad_p.clone(), unscaled_h.clone(), cot_p.clone(), 0.37)
+    ours = (grad_p.clone(), unscaled_h.clone(), cot_p.clone())  # overwritten in place: (dS, GdP, GS)
+    availability.extension().attention_softmax_double_backward_(p, *ours, 0.37)
+    for mine, reference in zip(ours, theirs):
+        assert_near(mine, reference, dtype)
+    assert all(t[0, 0].abs().max() == 0 for t in ours)  # the fully masked row: zeros, not NaN
+
+
+@pytest.mark.skipif(not KERNEL_BUILT, reason="the extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("mask_kind", ["none", "bool_with_empty_row", "causal"])
+def test_second_derivatives_by_backend_are_equal_and_only_cpp_calls_the_kernel(monkeypatch, dtype, mask_kind):
+    q, k, v, mask, causal = case(SHAPES[0], mask_kind, dtype, seed=17)
+    kernel = availability.extension().attention_softmax_double_backward_
+    calls = []
+    monkeypatch.setattr(attention_module.availability, "extension",
+                        lambda: types.SimpleNamespace(attention_softmax_double_backward_=lambda *a: calls.append(1)
+                                                      or kernel(*a)))
+    results = {}
+    for backend in ("torch", "cpp"):
+        before = len(calls)
+        results[backend] = of_attention(lambda *t: ops.attention(*t, mask, is_causal=causal, backend=backend),
+                                        q, k, v, torch.Generator().manual_seed(4))
+        assert (len(calls) > before) == (backend == "cpp")
+    for mine, reference in zip(results["cpp"], results["torch"]):
+        assert_near(mine, reference, dtype)
+
+
+@pytest.mark.skipif(not KERNEL_BUILT, reason="the extension is not built")
+def test_cpp_softmax_double_backward_rejects_bad_tensors():
+    gen = torch.Generator().manual_seed(5)
+    p, grad_p, unscaled_h, cot_p = softmax_second_order_inputs((2, 3, 4), torch.float32, gen)
+    kernel = availability.extension().attention_softmax_double_backward_
+    with pytest.raises(ValueError, match="probabilities' shape"):
+        kernel(p, grad_p[:, :2].contiguous(), unscaled_h, cot_p, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(p, grad_p.transpose(1, 2).contiguous().transpose(1, 2), unscaled_h, cot_p, 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        kernel(p, grad_p.double(), unscaled_h, cot_p, 1.0)
+    with pytest.raises(ValueError, match="must not share memory"):
+        kernel(p, grad_p, grad_p, cot_p, 1.0)
+    with pytest.raises(ValueError, match="backend: expected one of 'auto', 'cpp', 'torch'"):
+        ops.attention(p, p, p, backend="triton")
+    with pytest.raises(ValueError, match="backend: 'cpp' attention kernels need CPU float32/float64"):
+        ops.attention(p.half(), p.half(), p.half(), backend="cpp")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -33,8 +33,17 @@ Per batch entry, with P = softmax(scale q k^T + mask), dO the output's gradient:
              q: scale (dS gk + GS k);  k: scale (dS^T gq + GS^T q);
              v: GdP^T dO;  dO: P gv + GdP v
 
+On the CPU the softmax part of the second derivative (dS, GdP, GP, GS from P, dP, H and dO gv^T:
+about a dozen elementwise passes over [*, L, S] tensors, most of them new allocations) is one
+fused pass per row that overwrites its inputs (the extension's attention_softmax_double_backward_,
+``backend``): on the small ViT's attention ([64, 4, 64, 16], 2-core CPU) forward, backward with a
+graph and double backward took 0.78x the time of the same formulas in torch ops
+(benchmarks/test_normalization.py, table "attention"). A double backward that builds a graph
+(third derivatives) takes the torch formulas, :func:`_softmax_second_order`.
+
 The plain twin is autograd of the math path (:func:`attention_reference`); the tests hold the
-two equal for values, first, second and third derivatives.
+two equal for values, first, second and third derivatives, and the kernel equal to
+:func:`_softmax_second_order`.
 """
 from __future__ import annotations
 
@@ -44,6 +53,8 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+
+from .. import availability
 
 Tensor = torch.Tensor
 
@@ -55,6 +66,7 @@ BLOCK_VALUES = 1 << 18
 # 4096-token, 8-head entry to 8 tiles where the CPU's size would make 512 (not yet measured on one).
 CUDA_BLOCK_VALUES = 1 << 24
 ROUTED_DTYPES = (torch.float32, torch.float64)
+BACKENDS = ("auto", "cpp", "torch")
 
 
 def attention_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -68,20 +80,29 @@ def attention_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Op
 
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
-              enable_gqa: bool = False) -> Tensor:
+              enable_gqa: bool = False, *, backend: str = "auto") -> Tensor:
     """``F.scaled_dot_product_attention`` (same arguments, same values) whose graph, when a
     backward is differentiated, keeps q, k, v and the output gradient instead of the attention
     probabilities and their derivatives (see the module's docstring).
+
+    ``backend`` is where the softmax part of a second derivative taken without a graph runs:
+    ``"cpp"`` (the extension's fused CPU kernel), ``"torch"`` (the plain twin's formulas) or
+    ``"auto"`` (cpp for CPU float32/float64 tensors, else torch). Third derivatives always go
+    through the twin's formulas.
 
     Taken: float32/float64 q, k, v with the same batch axes, a boolean or float mask that needs no
     gradient, no dropout, no grouped-query broadcasting, outside torch.func transforms. Anything
     else is ``F.scaled_dot_product_attention`` itself (its own errors too).
     """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "cpp":
+        availability.cpu_kernels_for(query, backend, "attention")  # raises where it cannot run
     if not _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
     mask = _additive_mask(query, key, attn_mask, is_causal)
-    return _Attention.apply(query, key, value, mask, _scale(query, scale))
+    return _Attention.apply(query, key, value, mask, _scale(query, scale), backend)
 
 
 def _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> bool:
@@ -203,9 +224,10 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, mask: Optional[
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
 
 
-def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
+def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v, kernels=None):
     """(d q, d k, d v, d grad_out): the VJP of :func:`_backward` with cotangents (cot_q, cot_k,
-    cot_v) of (dq, dk, dv), None meaning zero."""
+    cot_v) of (dq, dk, dv), None meaning zero; the softmax part by the extension's fused kernel
+    when ``kernels`` is given (no graph), else by :func:`_softmax_second_order`."""
     cot_q, cot_k, cot_v = (torch.zeros_like(t) if c is None else c
                            for c, t in ((cot_q, q), (cot_k, k), (cot_v, v)))
 
@@ -213,14 +235,13 @@ def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
         (grad_, cq), (v_, ck, cv) = rows, keys
         p = _probabilities(q_, k_, mask_, scale)
         grad_p = torch.bmm(grad_, v_.transpose(1, 2))
-        centred = grad_p - (p * grad_p).sum(-1, keepdim=True)
-        grad_scores = p * centred
-        cot_grad_scores = torch.bmm(cq, k_.transpose(1, 2)).baddbmm_(q_, ck.transpose(1, 2)).mul_(scale)  # H
-        weighted = (cot_grad_scores * p).sum(-1, keepdim=True)
-        cot_grad_p = p * (cot_grad_scores - weighted)
-        cot_p = (cot_grad_scores * centred).addcmul_(weighted, grad_p, value=-1)
-        cot_p.baddbmm_(grad_, cv.transpose(1, 2))
-        cot_scores = torch._softmax_backward_data(cot_p, p, -1, p.dtype)
+        unscaled_h = torch.bmm(cq, k_.transpose(1, 2)).baddbmm_(q_, ck.transpose(1, 2))
+        cot_p_from_v = torch.bmm(grad_, cv.transpose(1, 2))
+        if kernels is not None:
+            kernels.attention_softmax_double_backward_(p, grad_p, unscaled_h, cot_p_from_v, scale)
+            grad_scores, cot_grad_p, cot_scores = grad_p, unscaled_h, cot_p_from_v
+        else:
+            grad_scores, cot_grad_p, cot_scores = _softmax_second_order(p, grad_p, unscaled_h, cot_p_from_v, scale)
         return ((torch.bmm(grad_scores, ck).baddbmm_(cot_scores, k_).mul_(scale),
                  torch.bmm(cot_grad_p, v_).baddbmm_(p, cv)),
                 (torch.bmm(grad_scores.transpose(1, 2), cq).baddbmm_(cot_scores.transpose(1, 2), q_).mul_(scale),
@@ -229,12 +250,22 @@ def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v):
     return d_q.view(q.shape), d_k.view(k.shape), d_v.view(v.shape), d_grad_out.view(grad_out.shape)
 
 
+def _softmax_second_order(p: Tensor, grad_p: Tensor, unscaled_h: Tensor, cot_p_from_v: Tensor, scale: float):
+    """(dS, GdP, GS) of the module's formulas from P, dP, H / scale and dO gv^T: the plain twin of
+    the extension's attention_softmax_double_backward_, differentiable (third derivatives)."""
+    h = unscaled_h.mul_(scale)
+    centred = grad_p - (p * grad_p).sum(-1, keepdim=True)
+    weighted = (h * p).sum(-1, keepdim=True)
+    cot_p = (h * centred).addcmul_(weighted, grad_p, value=-1).add_(cot_p_from_v)
+    return p * centred, p * (h - weighted), torch._softmax_backward_data(cot_p, p, -1, p.dtype)
+
+
 class _Attention(Function):
     """softmax(scale q k^T + mask) v, no graph kept; backward through :class:`_AttentionBackward`
     when a graph is built."""
 
     @staticmethod
-    def forward(q, k, v, mask, scale):
+    def forward(q, k, v, mask, scale, backend):
         # The recomputation's formula, not F.scaled_dot_product_attention: NIO runs under the math
         # backend, whose safe softmax searches every row for masked ones (2% of a ViT iteration).
         def tile(q_, k_, mask_, rows, keys):
@@ -245,35 +276,37 @@ class _Attention(Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, mask, scale = inputs
+        q, k, v, mask, scale, backend = inputs
         ctx.save_for_backward(q, k, v, mask)
-        ctx.scale = scale
+        ctx.scale, ctx.backend = scale, backend
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, mask = ctx.saved_tensors
         if torch.is_grad_enabled():
-            grads = _AttentionBackward.apply(q, k, v, grad_out, mask, ctx.scale)
+            grads = _AttentionBackward.apply(q, k, v, grad_out, mask, ctx.scale, ctx.backend)
         else:
             grads = _backward(q, k, v, grad_out, mask, ctx.scale)
-        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None)
 
 
 class _AttentionBackward(Function):
     """(dq, dk, dv) of the attention, with the closed-form derivative of :func:`_double_backward`."""
 
     @staticmethod
-    def forward(q, k, v, grad_out, mask, scale):
+    def forward(q, k, v, grad_out, mask, scale, backend):
         return _backward(q, k, v, grad_out, mask, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, grad_out, mask, scale = inputs
+        q, k, v, grad_out, mask, scale, backend = inputs
         ctx.save_for_backward(q, k, v, grad_out, mask)
-        ctx.scale = scale
+        ctx.scale, ctx.backend = scale, backend
 
     @staticmethod
     def backward(ctx, cot_q, cot_k, cot_v):
         q, k, v, grad_out, mask = ctx.saved_tensors
-        grads = _double_backward(q, k, v, grad_out, mask, ctx.scale, cot_q, cot_k, cot_v)
-        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None)
+        # A graph to build (third derivatives) goes through the twin's differentiable formulas.
+        kernels = None if torch.is_grad_enabled() else availability.cpu_kernels_for(q, ctx.backend, "attention")
+        grads = _double_backward(q, k, v, grad_out, mask, ctx.scale, cot_q, cot_k, cot_v, kernels)
+        return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None)
