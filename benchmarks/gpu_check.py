@@ -16,8 +16,9 @@ Steps, in order, each recorded whatever the others do:
    against an fp64 reference first: a kernel that is fast and wrong fails here;
 4. gram: ``pytest benchmarks/test_gram.py --benchmark-only`` (tables gram, gram_memory), then
    chunk_reduce: ``pytest benchmarks/test_chunk_reduce.py`` (the sparse chunk reductions against
-   their dense twin, table chunk_reduce), then group_norm: ``pytest benchmarks/test_normalization.py -k group_norm``
-   (GroupNorm's second-order pass, F.group_norm against ops.group_norm, table group_norm);
+   their dense twin, table chunk_reduce), then group_norm: ``pytest benchmarks/test_normalization.py -k
+   "group_norm or attention"`` (the second-order passes of GroupNorm and attention, F.group_norm and
+   F.scaled_dot_product_attention against ops.group_norm and ops.attention, tables group_norm, attention);
 5. torchvision: a NIO iteration on torchvision ResNet-18/50 on the GPU (GPU-only cases; noted
    and skipped where torchvision is missing);
 6. iteration: ``pytest benchmarks/test_iteration.py --benchmark-only`` (its models run on CPU);
@@ -72,6 +73,7 @@ CORRECTNESS_TEST_FILES = ("tests/test_triton_gram.py", "tests/test_extension.py"
                           "tests/test_chunk_reduce.py", "tests/test_group_norm.py", "tests/test_batch_norm.py",
                           "tests/test_layer_norm.py", "tests/test_triton_group_norm.py", "tests/test_samplewise.py",
                           "tests/test_samplewise_segments.py", "tests/test_attention.py",
+                          "tests/test_triton_attention.py",
                           "tests/test_first_order.py", "tests/test_scale_probes.py", "tests/test_pixel_gram.py",
                           "tests/test_conv_factors.py")
 DRY_RUN_TESTS = ["tests/test_ops.py", "-k", "gram and not nio"]
@@ -437,9 +439,9 @@ def step_chunk_reduce(report, args, log, deadline) -> str:
 
 
 def step_group_norm(report, args, log, deadline) -> str:
-    selection = "group_norm and 64x64x8x8" if args.dry_run else "group_norm"
+    selection = "group_norm and 64x64x8x8" if args.dry_run else "group_norm or attention"
     return run_benchmark_file(report, args, log, deadline, "benchmarks/test_normalization.py", ["-k", selection],
-                              ("group_norm",))
+                              ("group_norm", "attention"))
 
 
 def step_iteration(report, args, log, deadline) -> str:
@@ -625,7 +627,8 @@ def render_markdown(report: dict) -> str:
     for table, title in (("gram", "Gram benchmarks (benchmarks/test_gram.py)"),
                          ("gram_memory", "Gram extra memory (benchmarks/test_gram.py)"),
                          ("chunk_reduce", "Chunk reductions (benchmarks/test_chunk_reduce.py)"),
-                         ("group_norm", "GroupNorm's second-order pass (benchmarks/test_normalization.py)")):
+                         ("group_norm", "GroupNorm's second-order pass (benchmarks/test_normalization.py)"),
+                         ("attention", "Attention's second-order pass (benchmarks/test_normalization.py)")):
         if table in report:
             lines += ["", f"## {title}", ""] + markdown_table(report[table])
     torchvision = report.get("torchvision")

@@ -3,7 +3,7 @@ PyTorch's ("native": ``F.group_norm`` / ``F.batch_norm`` with batch statistics /
 / ``F.scaled_dot_product_attention`` on its math path, autograd over their backward for the double
 backward) against ``ops.group_norm`` / ``ops.batch_norm`` / ``ops.layer_norm`` / ``ops.attention``
 with their plain twins ("torch") and with their fused kernels ("cpp": the extension's, on the CPU;
-"triton": GroupNorm on CUDA), in one run side by side.
+"triton": GroupNorm's and attention's on CUDA), in one run side by side.
 
 "second order" is what an NIO iteration does with every normalisation layer: forward, backward
 with a graph, and the backward of a function of that gradient; "first order" is a training
@@ -24,9 +24,9 @@ from nio_fast import availability, ops
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CPP = DEVICE.type == "cpu" and availability.cpp_usable(DEVICE)
-GROUP_NORM_BACKENDS = ["native", "torch"] + [name for name, usable in (
+GROUP_NORM_BACKENDS = ATTENTION_BACKENDS = ["native", "torch"] + [name for name, usable in (
     ("cpp", CPP), ("triton", DEVICE.type == "cuda" and availability.triton_usable(DEVICE))) if usable]
-BATCH_NORM_BACKENDS = LAYER_NORM_BACKENDS = ATTENTION_BACKENDS = ["native", "torch"] + (["cpp"] if CPP else [])
+BATCH_NORM_BACKENDS = LAYER_NORM_BACKENDS = ["native", "torch"] + (["cpp"] if CPP else [])
 SHAPES = [(64, 16, 32, 32), (64, 32, 16, 16), (64, 64, 8, 8)]
 TOKEN_SHAPES = [(64, 64, 64), (8, 197, 768)]  # [batch, tokens, features], normalised over features
 HEAD_SHAPES = [(64, 4, 64, 16), (8, 12, 197, 64)]  # the same tokens as [batch, heads, tokens, head width]

@@ -95,7 +95,7 @@ def cpp_usable(device: torch.device) -> bool:
     return device.type == "cuda" and bool(module.cuda_compiled())
 
 
-_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # (the Triton kernels' too)
 
 
 def cpu_kernels_for(x: torch.Tensor, backend: str, op: str) -> Optional[ModuleType]:
@@ -108,6 +108,28 @@ def cpu_kernels_for(x: torch.Tensor, backend: str, op: str) -> Optional[ModuleTy
         raise ValueError(f"backend: 'cpp' {op} kernels need CPU float32/float64 tensors and the built extension; "
                          f"got {x.dtype} on {x.device}")
     return extension() if usable else None
+
+
+def fused_kernels_for(x: torch.Tensor, backend: str, op: str, triton_module: str) -> Optional[ModuleType]:
+    """The module whose fused kernels of ``op`` run on ``x``: the extension (CPU), the Triton
+    module ``triton_module`` (CUDA; CPU tensors under TRITON_INTERPRET=1), or None for the plain
+    twins. "auto" takes cpp on the CPU and triton on CUDA, for float32 / float64; a named backend
+    ("cpp", "triton") that cannot run raises; "torch" is None."""
+    if backend == "torch":
+        return None
+    if backend != "triton":  # "cpp", or "auto" on the CPU
+        cpp = cpu_kernels_for(x, backend, op)
+        if cpp is not None or x.device.type != "cuda":
+            return cpp
+    # "triton", or "auto" on CUDA: only here is the Triton module imported
+    if x.dtype in _CPU_KERNEL_DTYPES and triton_usable(x.device):
+        module, _ = optional_module(triton_module)
+        if module is not None:
+            return module
+    if backend == "triton":
+        raise ValueError(f"backend: 'triton' {op} kernels need float32/float64 CUDA tensors (CPU ones under "
+                         f"TRITON_INTERPRET=1) and triton; got {x.dtype} on {x.device}")
+    return None
 
 
 def default_backend(device: torch.device) -> str:

@@ -298,8 +298,8 @@ def test_cpp_softmax_double_backward_rejects_bad_tensors():
         kernel(p, grad_p.double(), unscaled_h, cot_p, 1.0)
     with pytest.raises(ValueError, match="must not share memory"):
         kernel(p, grad_p, grad_p, cot_p, 1.0)
-    with pytest.raises(ValueError, match="backend: expected one of 'auto', 'cpp', 'torch'"):
-        ops.attention(p, p, p, backend="triton")
+    with pytest.raises(ValueError, match="backend: expected one of 'auto', 'cpp', 'triton', 'torch'"):
+        ops.attention(p, p, p, backend="cuda")
     with pytest.raises(ValueError, match="backend: 'cpp' attention kernels need CPU float32/float64"):
         ops.attention(p.half(), p.half(), p.half(), backend="cpp")
 

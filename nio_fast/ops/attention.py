@@ -33,13 +33,14 @@ Per batch entry, with P = softmax(scale q k^T + mask), dO the output's gradient:
              q: scale (dS gk + GS k);  k: scale (dS^T gq + GS^T q);
              v: GdP^T dO;  dO: P gv + GdP v
 
-On the CPU the softmax part of the second derivative (dS, GdP, GP, GS from P, dP, H and dO gv^T:
-about a dozen elementwise passes over [*, L, S] tensors, most of them new allocations) is one
-fused pass per row that overwrites its inputs (the extension's attention_softmax_double_backward_,
-``backend``): on the small ViT's attention ([64, 4, 64, 16], 2-core CPU) forward, backward with a
-graph and double backward took 0.78x the time of the same formulas in torch ops
-(benchmarks/test_normalization.py, table "attention"). A double backward that builds a graph
-(third derivatives) takes the torch formulas, :func:`_softmax_second_order`.
+The softmax part of the second derivative (dS, GdP, GP, GS from P, dP, H and dO gv^T: about a
+dozen elementwise passes over [*, L, S] tensors, most of them new allocations) is one fused pass
+per row that overwrites its inputs (``attention_softmax_double_backward_`` of the extension on
+the CPU, of ``nio_fast.kernels.attention`` on CUDA; ``backend``): on the small ViT's attention
+([64, 4, 64, 16], 2-core CPU) forward, backward with a graph and double backward took 0.56-0.86x
+the time of the same formulas in torch ops (benchmarks/test_normalization.py, table "attention").
+A double backward that builds a graph (third derivatives) takes the torch formulas,
+:func:`_softmax_second_order`.
 
 The plain twin is autograd of the math path (:func:`attention_reference`); the tests hold the
 two equal for values, first, second and third derivatives, and the kernel equal to
@@ -66,7 +67,7 @@ BLOCK_VALUES = 1 << 18
 # 4096-token, 8-head entry to 8 tiles where the CPU's size would make 512 (not yet measured on one).
 CUDA_BLOCK_VALUES = 1 << 24
 ROUTED_DTYPES = (torch.float32, torch.float64)
-BACKENDS = ("auto", "cpp", "torch")
+BACKENDS = ("auto", "cpp", "triton", "torch")
 
 
 def attention_reference(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -86,9 +87,10 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     probabilities and their derivatives (see the module's docstring).
 
     ``backend`` is where the softmax part of a second derivative taken without a graph runs:
-    ``"cpp"`` (the extension's fused CPU kernel), ``"torch"`` (the plain twin's formulas) or
-    ``"auto"`` (cpp for CPU float32/float64 tensors, else torch). Third derivatives always go
-    through the twin's formulas.
+    ``"cpp"`` (the extension's fused CPU kernel), ``"triton"`` (the fused Triton kernel: CUDA, or
+    CPU tensors under TRITON_INTERPRET=1), ``"torch"`` (the plain twin's formulas) or ``"auto"``
+    (cpp on the CPU, triton on CUDA, for float32/float64; else torch). Third derivatives always
+    go through the twin's formulas.
 
     Taken: float32/float64 q, k, v with the same batch axes, a boolean or float mask that needs no
     gradient, no dropout, no grouped-query broadcasting, outside torch.func transforms. Anything
@@ -96,8 +98,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
-    if backend == "cpp":
-        availability.cpu_kernels_for(query, backend, "attention")  # raises where it cannot run
+    if backend in ("cpp", "triton"):
+        _kernels(query, backend)  # raises where it cannot run
     if not _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
         return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale,
                                               enable_gqa=enable_gqa)
@@ -131,6 +133,12 @@ def _routed(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa) -> b
         except RuntimeError:
             return False
     return True
+
+
+def _kernels(x: Tensor, backend: str):
+    """The module whose ``attention_softmax_double_backward_`` runs on ``x``
+    (``availability.fused_kernels_for``), or None for :func:`_softmax_second_order`."""
+    return availability.fused_kernels_for(x, backend, "attention", "nio_fast.kernels.attention")
 
 
 def _scale(query: Tensor, scale: Optional[float]) -> float:
@@ -307,6 +315,6 @@ class _AttentionBackward(Function):
     def backward(ctx, cot_q, cot_k, cot_v):
         q, k, v, grad_out, mask = ctx.saved_tensors
         # A graph to build (third derivatives) goes through the twin's differentiable formulas.
-        kernels = None if torch.is_grad_enabled() else availability.cpu_kernels_for(q, ctx.backend, "attention")
+        kernels = None if torch.is_grad_enabled() else _kernels(q, ctx.backend)
         grads = _double_backward(q, k, v, grad_out, mask, ctx.scale, cot_q, cot_k, cot_v, kernels)
         return (*(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad)), None, None, None)

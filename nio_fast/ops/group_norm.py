@@ -105,31 +105,12 @@ def group_norm_double_backward_reference(grad_out: Tensor, x: Tensor, weight: Op
 
 
 BACKENDS = ("auto", "cpp", "triton", "torch")
-_FUSED_DTYPES = (torch.float32, torch.float64)
-
-
-def _triton_module():
-    return availability.optional_module("nio_fast.kernels.group_norm")[0]
 
 
 def _kernels(x: Tensor, backend: str):
-    """The module whose ``group_norm_backward`` / ``group_norm_double_backward`` run on ``x``: the
-    extension (CPU) or the Triton kernels (CUDA; CPU under TRITON_INTERPRET=1), or None for the
-    twins. "auto" takes cpp on the CPU and triton on CUDA, for float32 / float64; a named backend
-    that cannot run raises."""
-    if backend == "torch":
-        return None
-    if backend != "triton":  # "cpp", or "auto" on the CPU
-        cpp = availability.cpu_kernels_for(x, backend, "group_norm")
-        if cpp is not None or x.device.type != "cuda":
-            return cpp
-    # "triton", or "auto" on CUDA: only here is the Triton module imported
-    if x.dtype in _FUSED_DTYPES and availability.triton_usable(x.device) and _triton_module() is not None:
-        return _triton_module()
-    if backend == "triton":
-        raise ValueError(f"backend: 'triton' group_norm kernels need float32/float64 CUDA tensors (CPU ones "
-                         f"under TRITON_INTERPRET=1) and triton; got {x.dtype} on {x.device}")
-    return None
+    """The module whose ``group_norm_backward`` / ``group_norm_double_backward`` run on ``x``
+    (``availability.fused_kernels_for``), or None for the twins."""
+    return availability.fused_kernels_for(x, backend, "group_norm", "nio_fast.kernels.group_norm")
 
 
 def _batch_first(t: Optional[Tensor], dim: Optional[int], size: int) -> Optional[Tensor]:
