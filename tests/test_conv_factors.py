@@ -106,3 +106,36 @@ def test_chunk_sums_stay_one_call_per_chunk_on_large_maps_and_unequal_chunks():
     assert not factors._grouped_chunks_pay(x, torch.randn(8, 4, 17, 16), [(0, 4), (4, 8)])  # 272 positions
     assert not factors._grouped_chunks_pay(x, output_grad, [(0, 5), (3, 8)])  # overlapping
     assert not factors._grouped_chunks_pay(x, output_grad, [(0, 3), (3, 6)])  # not the whole batch
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("sample_axis", [0, 1], ids=["batch_first", "sequence_first"])
+@pytest.mark.parametrize("chunks", [2, 3, 6])
+def test_linear_chunk_sums_of_equal_chunks_are_one_bmm_equal_to_one_matmul_per_chunk(dtype, rtol, sample_axis,
+                                                                                    chunks, monkeypatch):
+    """Equal chunks tiling the batch take one bmm over the factors viewed per chunk: the same chunk
+    sums and cotangents as one matmul per chunk, and as autograd's sum of each chunk's samples'
+    gradients, with a position axis on either side of the samples."""
+    from nio_fast.samplewise.recorder import LINEAR
+    torch.manual_seed(chunks)
+    num, positions, weight = 6, 5, torch.randn(4, 7, dtype=dtype)
+    x = torch.randn((num, positions, 7) if sample_axis == 0 else (positions, num, 7), dtype=dtype,
+                    requires_grad=True)
+    output_grad = torch.randn(*x.shape[:2], 4, dtype=dtype, requires_grad=True)
+    use = LayerUse(LINEAR, {"weight": 0}, x, None, sample_axis, {})
+    bounds = [(k * num // chunks, (k + 1) * num // chunks) for k in range(chunks)]
+    assert factors._tiles_equally(bounds, num)
+    batched = chunk_sums(use, output_grad, weight.shape, bounds)
+    monkeypatch.setattr(factors, "_tiles_equally", lambda *args: False)
+    per_chunk = chunk_sums(use, output_grad, weight.shape, bounds)
+    weight = weight.requires_grad_()
+    for k, (start, end) in enumerate(bounds):
+        rows = slice(start, end)
+        x_k, g_k = (x[rows], output_grad[rows]) if sample_axis == 0 else (x[:, rows], output_grad[:, rows])
+        expected, = torch.autograd.grad(torch.nn.functional.linear(x_k, weight), weight, g_k)
+        torch.testing.assert_close(per_chunk[k], expected.reshape(-1), rtol=rtol, atol=rtol)
+    torch.testing.assert_close(batched, per_chunk, rtol=rtol, atol=rtol)
+    cotangent = torch.randn_like(batched)
+    for got, expected in zip(torch.autograd.grad(batched, (x, output_grad), cotangent),
+                             torch.autograd.grad(per_chunk, (x, output_grad), cotangent)):
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
