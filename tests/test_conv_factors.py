@@ -139,3 +139,11 @@ def test_linear_chunk_sums_of_equal_chunks_are_one_bmm_equal_to_one_matmul_per_c
     for got, expected in zip(torch.autograd.grad(batched, (x, output_grad), cotangent),
                              torch.autograd.grad(per_chunk, (x, output_grad), cotangent)):
         torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+
+
+def test_linear_chunk_sums_differentiate_twice():
+    torch.manual_seed(3)
+    a, b = torch.randn(3, 4, 5, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)
+    leaves = (a.requires_grad_(), b.requires_grad_())
+    assert torch.autograd.gradcheck(factors._ChunkOuterSums.apply, leaves)
+    assert torch.autograd.gradgradcheck(factors._ChunkOuterSums.apply, leaves)

@@ -198,11 +198,33 @@ def _tiles_equally(bounds: Sequence[tuple[int, int]], num: int) -> bool:
 
 def _batched_linear_chunk_sums(a: torch.Tensor, b: torch.Tensor, chunks: int) -> torch.Tensor:
     """[D, p * d] chunk sums of a linear weight for D equal chunks tiling the batch: one bmm of
-    the factors viewed as [D, rows of a chunk, .], whose backward hands back whole-batch
-    cotangents (D matmuls of split chunks: the split's backward concatenates them, a copy of
-    each factor)."""
+    the factors viewed as [D, rows of a chunk, .] (:class:`_ChunkOuterSums`)."""
     a_chunks, b_chunks = a.reshape(chunks, -1, a.shape[-1]), b.reshape(chunks, -1, b.shape[-1])
-    return torch.bmm(b_chunks.transpose(1, 2), a_chunks).reshape(chunks, -1)
+    return _ChunkOuterSums.apply(a_chunks, b_chunks).reshape(chunks, -1)
+
+
+class _ChunkOuterSums(torch.autograd.Function):
+    """[D, p, d] = B_c^T A_c per chunk c, for A [D, r, d] and B [D, r, p].
+
+    Autograd's bmm derivative hands one factor's cotangent back as a transposed view, which the
+    factors' reshape to [N, T, .] then copies (on the small ViT: as much copying as the split
+    chunks' concatenation this replaced); here both come out contiguous: dA = B dW, dB = A dW^T.
+    The backward is itself bmm calls, so it differentiates again."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(b.transpose(1, 2), a)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_sums: torch.Tensor):
+        a, b = ctx.saved_tensors
+        grad_a = torch.bmm(b, grad_sums) if ctx.needs_input_grad[0] else None
+        grad_b = torch.bmm(a, grad_sums.transpose(1, 2)) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b
 
 
 # mkldnn's grouped weight-gradient kernels run slower per FLOP than plain ones on large maps and
