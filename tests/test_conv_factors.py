@@ -31,6 +31,15 @@ def _conv(x, weight, stride, padding, dilation, groups):
     return conv(x, weight, None, stride, padding, dilation, groups)
 
 
+def assert_equal_with_cotangents(ours, theirs, leaves, rtol):
+    """Equal values, and equal cotangents of ``leaves`` for one fresh random cotangent."""
+    torch.testing.assert_close(ours, theirs, rtol=rtol, atol=rtol)
+    cotangent = torch.randn_like(ours)
+    for got, expected in zip(torch.autograd.grad(ours, leaves, cotangent),
+                             torch.autograd.grad(theirs, leaves, cotangent)):
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                  reason="needs a CUDA GPU"))]
 
@@ -93,11 +102,7 @@ def test_grouped_chunk_sums_equal_one_call_per_chunk(size, weight_shape, stride,
         expected, = torch.autograd.grad(_conv(x[start:end], weight, stride, padding, dilation, groups), weight,
                                         output_grad[start:end])
         torch.testing.assert_close(per_chunk[k], expected.reshape(-1), rtol=rtol, atol=rtol)
-    torch.testing.assert_close(grouped, per_chunk, rtol=rtol, atol=rtol)
-    cotangent = torch.randn_like(grouped)
-    for got, expected in zip(torch.autograd.grad(grouped, (x, output_grad), cotangent),
-                             torch.autograd.grad(per_chunk, (x, output_grad), cotangent)):
-        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+    assert_equal_with_cotangents(grouped, per_chunk, (x, output_grad), rtol)
 
 
 def test_chunk_sums_stay_one_call_per_chunk_on_large_maps_and_unequal_chunks():
@@ -134,11 +139,7 @@ def test_linear_chunk_sums_of_equal_chunks_are_one_bmm_equal_to_one_matmul_per_c
         x_k, g_k = (x[rows], output_grad[rows]) if sample_axis == 0 else (x[:, rows], output_grad[:, rows])
         expected, = torch.autograd.grad(torch.nn.functional.linear(x_k, weight), weight, g_k)
         torch.testing.assert_close(per_chunk[k], expected.reshape(-1), rtol=rtol, atol=rtol)
-    torch.testing.assert_close(batched, per_chunk, rtol=rtol, atol=rtol)
-    cotangent = torch.randn_like(batched)
-    for got, expected in zip(torch.autograd.grad(batched, (x, output_grad), cotangent),
-                             torch.autograd.grad(per_chunk, (x, output_grad), cotangent)):
-        torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
+    assert_equal_with_cotangents(batched, per_chunk, (x, output_grad), rtol)
 
 
 def test_linear_chunk_sums_differentiate_twice():

@@ -23,22 +23,11 @@ import torch.nn.functional as F  # noqa: E402
 from nio_fast import ops  # noqa: E402
 from nio_fast.kernels import group_norm as kernels  # noqa: E402
 from hopper_compile import run_script  # noqa: E402
+from triton_checks import CUDA, DEVICE, NEEDS_A_DEVICE, assert_near, random  # noqa: E402
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-CUDA = torch.cuda.is_available()
-DEVICE = "cpu" if INTERPRETING else "cuda"
-pytestmark = pytest.mark.skipif(not (INTERPRETING or CUDA), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+pytestmark = NEEDS_A_DEVICE
+
 CASES = [((3, 6, 5, 7), 3), ((2, 8), 2), ((2, 4, 3, 2, 3), 1)]
-
-
-def assert_near(ours, theirs, dtype):
-    scale = theirs.abs().max().item() or 1.0
-    torch.testing.assert_close(ours.cpu(), theirs.cpu(), rtol=RTOL[dtype], atol=RTOL[dtype] * scale)
-
-
-def random(shape, dtype, gen):
-    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
