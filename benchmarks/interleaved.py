@@ -2,7 +2,7 @@
 floor, interleaved in one process.
 
     python benchmarks/interleaved.py MODEL D [--rounds R] [--batch N] [--width W] [--mode MODE]
-    python benchmarks/interleaved.py MODEL samples [--rounds R] [--batch N] [--width W]
+    python benchmarks/interleaved.py MODEL samples [--rounds R] [--batch N] [--width W] [--recompute-first K]
     python benchmarks/interleaved.py MODEL LOW:HIGH [--rounds R] [--batch N] [--width W]
 
 With D, each round times one training step, one reference iteration, one nio_fast iteration and
@@ -12,7 +12,9 @@ model and batch (with --mode, also one nio_fast iteration in that mode, after "a
 (workloads.samplewise_evaluation), the same with every block recomputed
 (workloads.samplewise_recomputed_evaluation), with the first half of them recomputed
 (workloads.samplewise_half_recomputed_evaluation), one sample-wise NIO iteration, the same with
-every segment and with the first half recomputed, and the floor;
+every segment and with the first half recomputed, and the floor (with --recompute-first K, also
+NIO's iteration with the first K segments recomputed, and the allocator peaks of it, of NIO's
+iteration without recompute and of a training step, each measured once after the rounds);
 with LOW:HIGH, the reference and
 nio_fast iterations at D = LOW and D = HIGH, for how each grows with D. Every ratio (the speed-up,
 each call in training steps, reference / floor: the speed-up of an iteration at the floor,
@@ -37,7 +39,8 @@ import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
 from nio_fast.algorithms.gradcosine import MODES  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
-from workloads import SAMPLEWISE_CALLS, double_backward_floor, training_step  # noqa: E402
+from workloads import (SAMPLEWISE_CALLS, double_backward_floor, first_segments, samplewise_nio_iteration,  # noqa: E402
+                       training_step)
 
 RATIOS = {  # name: (numerator, denominator), per round
     "speed_up": ("reference", "nio_fast"), "nio_fast_steps": ("nio_fast", "step"),
@@ -53,6 +56,7 @@ RATIOS = {  # name: (numerator, denominator), per round
     "nio_recompute_over_nio": ("nio_samples_recompute", "nio_samples"),
     "nio_recompute_half_steps": ("nio_samples_recompute_half", "step"),
     "nio_recompute_half_over_nio": ("nio_samples_recompute_half", "nio_samples"),
+    "nio_recompute_first_steps": ("nio_samples_recompute_first", "step"),
     "nio_fast_growth": ("nio_fast_high", "nio_fast_low"), "reference_growth": ("reference_high", "reference_low"),
     "mode_speed_up": ("reference", "nio_fast_mode"), "mode_over_nio_fast": ("nio_fast_mode", "nio_fast"),
 }
@@ -65,16 +69,22 @@ def seconds(call) -> float:
 
 
 def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, int]], rounds: int,
-                       batch_size: int = 64, mode: Optional[str] = None, **options) -> dict:
+                       batch_size: int = 64, mode: Optional[str] = None, recompute_first: Optional[int] = None,
+                       **options) -> dict:
     """Medians and ranges over ``rounds`` of the RATIOS whose calls ran: reference / nio_fast,
     nio_fast, reference and floor in training steps and reference / floor for a D (with ``mode``,
     also nio_fast with that mode beside "auto": reference / it and it / auto); sample-wise and
-    floor in training steps and sample-wise / floor for ``"samples"``."""
+    floor in training steps and sample-wise / floor for ``"samples"`` (with ``recompute_first``,
+    also NIO's iteration with that many first segments recomputed, and "alloc_over_step": its
+    allocator peak and that of NIO's iteration without recompute over a training step's)."""
     model, batch = make(model_name, **options), images(batch_size)
     calls = {} if isinstance(sub_batches, tuple) else {"step": lambda: training_step(model, batch)}
     if sub_batches == "samples":
         for name, call in SAMPLEWISE_CALLS.items():
             calls[name] = functools.partial(call, model, batch)
+        if recompute_first is not None:
+            calls["nio_samples_recompute_first"] = functools.partial(
+                samplewise_nio_iteration, model, batch, recompute=first_segments(model, recompute_first))
     elif isinstance(sub_batches, tuple):  # growth with D: the floor does not depend on it
         for level, chunks in zip(("low", "high"), sub_batches):
             calls[f"reference_{level}"] = functools.partial(reference_iteration, model, batch, chunks)
@@ -92,9 +102,15 @@ def interleaved_rounds(model_name: str, sub_batches: Union[int, str, tuple[int, 
 
     def summary(values: list[float]) -> dict:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-    return {"model": model_name, "D": sub_batches, "batch": batch_size, "rounds": rounds,
-            **{name: summary([t[top] / t[bottom] for t in times])
-               for name, (top, bottom) in RATIOS.items() if top in calls and bottom in calls}}
+    result = {"model": model_name, "D": sub_batches, "batch": batch_size, "rounds": rounds,
+              **{name: summary([t[top] / t[bottom] for t in times])
+                 for name, (top, bottom) in RATIOS.items() if top in calls and bottom in calls}}
+    if recompute_first is not None:
+        peaks = {name: harness.allocated_peak_mb(calls[name])
+                 for name in ("step", "nio_samples", "nio_samples_recompute_first")}
+        result["recompute_first"] = recompute_first
+        result["alloc_over_step"] = {name: peaks[name] / peaks["step"] for name in peaks if name != "step"}
+    return result
 
 
 def main() -> None:
@@ -106,6 +122,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--width", type=int, help="a ResNet's base width (quick runs shrink it)")
     parser.add_argument("--mode", choices=MODES, help="with D: also time nio_fast with this mode beside 'auto'")
+    parser.add_argument("--recompute-first", type=int, metavar="K",
+                        help="with 'samples': also NIO's iteration with the first K residual blocks / encoder "
+                             "layers recomputed, and allocator peaks against a training step's")
     args = parser.parse_args()
     levels = args.sub_batches.split(":")
     if args.sub_batches != "samples" and not (len(levels) in (1, 2) and all(level.isdigit() for level in levels)):
@@ -115,11 +134,15 @@ def main() -> None:
     options = {} if args.width is None else {"width": args.width}
     if args.mode is not None and not isinstance(sub_batches, int):
         parser.error("--mode: only with a number of chunks D")
-    result = interleaved_rounds(args.model, sub_batches, args.rounds, args.batch, mode=args.mode, **options)
+    if args.recompute_first is not None and (sub_batches != "samples" or args.recompute_first < 1):
+        parser.error("--recompute-first: a positive K, only with 'samples'")
+    result = interleaved_rounds(args.model, sub_batches, args.rounds, args.batch, mode=args.mode,
+                                recompute_first=args.recompute_first, **options)
     print(json.dumps({**result, "machine": harness.machine()}))
     medians = ", ".join(f"{name} {result[name]['median']:.2f} ({result[name]['min']:.2f}-{result[name]['max']:.2f})"
                         for name in RATIOS if name in result)
-    print(f"{args.model} {sub_batches}, {args.rounds} rounds: {medians}", file=sys.stderr)
+    peaks = "".join(f", {name} alloc / step {ratio:.2f}" for name, ratio in result.get("alloc_over_step", {}).items())
+    print(f"{args.model} {sub_batches}, {args.rounds} rounds: {medians}{peaks}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,12 @@ def test_interleaved_rounds_report_medians_and_ranges():
                             "nio_recompute_half_steps", "nio_recompute_half_over_nio"}
     assert 0 < samples["samplewise_over_floor"]["min"] <= samples["samplewise_over_floor"]["max"]
 
+    first = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=1, batch_size=4, width=4,
+                                           recompute_first=2)
+    assert first["recompute_first"] == 2 and first["nio_recompute_first_steps"]["median"] > 0
+    assert set(first["alloc_over_step"]) == {"nio_samples", "nio_samples_recompute_first"}
+    assert all(ratio > 0 for ratio in first["alloc_over_step"].values())
+
     growth = interleaved.interleaved_rounds("resnet20_gn", (2, 4), rounds=2, batch_size=8, width=4)
     assert set(growth) == {"model", "D", "batch", "rounds", "nio_fast_growth", "reference_growth"}
     assert 0 < growth["nio_fast_growth"]["min"] <= growth["nio_fast_growth"]["max"]
