@@ -71,7 +71,8 @@ def _softmax_double_backward_kernel(p_ptr, dp_ptr, h_ptr, c_ptr, scale_ptr, rows
 def attention_softmax_double_backward_(probabilities: torch.Tensor, grad_p: torch.Tensor,
                                        cot_grad_scores: torch.Tensor, cot_p: torch.Tensor, scale: float) -> None:
     """In place: grad_p <- dS, cot_grad_scores (H before ``scale``) <- GdP, cot_p <- GS; the
-    same contract (and checks) as the extension's function of this name."""
+    contract of the extension's function of this name (contiguous tensors of one shape, dtype and
+    device, none sharing memory), on CUDA tensors (CPU ones under TRITON_INTERPRET=1)."""
     tensors = (probabilities, grad_p, cot_grad_scores, cot_p)
     for t in tensors:
         if t.shape != probabilities.shape or t.dtype != probabilities.dtype or t.device != probabilities.device:

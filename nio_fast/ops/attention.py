@@ -234,8 +234,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, mask: Optional[
 
 def _double_backward(q, k, v, grad_out, mask, scale, cot_q, cot_k, cot_v, kernels=None):
     """(d q, d k, d v, d grad_out): the VJP of :func:`_backward` with cotangents (cot_q, cot_k,
-    cot_v) of (dq, dk, dv), None meaning zero; the softmax part by the extension's fused kernel
-    when ``kernels`` is given (no graph), else by :func:`_softmax_second_order`."""
+    cot_v) of (dq, dk, dv), None meaning zero; the softmax part by the fused kernel of
+    ``kernels`` (the extension, or the Triton module; no graph) when given, else by
+    :func:`_softmax_second_order`."""
     cot_q, cot_k, cot_v = (torch.zeros_like(t) if c is None else c
                            for c, t in ((cot_q, q), (cot_k, k), (cot_v, v)))
 

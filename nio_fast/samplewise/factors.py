@@ -174,8 +174,10 @@ def chunk_sums(use: LayerUse, output_grad: torch.Tensor, weight_shape: Sequence[
                bounds: Sequence[tuple[int, int]]) -> torch.Tensor:
     """[D, numel]: ``sum_{i in chunk k} g_i`` of a linear or conv weight for chunk rows
     ``start:end``, each one weight-gradient reduction over the chunk's samples (overlapping
-    chunks each reduce their own rows). Convolutions run as D plain weight-gradient calls, or as
-    one grouped over the chunks where that is faster (:func:`_grouped_chunks_pay`)."""
+    chunks each reduce their own rows). Linear weights of equal chunks tiling the batch take one
+    bmm (:func:`_batched_linear_chunk_sums`), others one matmul per chunk; convolutions run as D
+    plain weight-gradient calls, or as one grouped over the chunks where that is faster
+    (:func:`_grouped_chunks_pay`)."""
     if use.kind == LINEAR:
         a, b = outer_factors(use, output_grad, weight_shape)
         if _tiles_equally(bounds, a.shape[0]):
