@@ -279,8 +279,6 @@ def evaluate_gradcosine(model: nn.Module, inputs: Any, targets: Any, loss_fn: Lo
             result = _factors_instead_of_loop(model, inputs, targets, loss_fn, params, bounds, create_graph, probes)
         if result is not None:
             return result
-        if probes is not None:  # the attempt routed weights of a graph that is now dropped
-            probes.forget()
     if mode == "per_chunk":
         grads = per_chunk_gradients(model, inputs, targets, loss_fn, params, bounds, create_graph, probes)
     else:
@@ -338,6 +336,8 @@ def _factors_instead_of_loop(model: nn.Module, inputs: Any, targets: Any, loss_f
         _FACTORS_VERDICT[model] = str(error)
     except NoFactorRule as error:
         _FACTORS_VERDICT[model] = f"some parameters have no factor rule ({error})"
+    if probes is not None:  # the attempt routed weights of a graph that is now dropped
+        probes.forget()
     return None
 
 
