@@ -80,15 +80,21 @@ def every_segment(model) -> list[type]:
     return [kind for kind in SEGMENT_KINDS if any(isinstance(module, kind) for module in model.modules())]
 
 
+def _segment_modules(model) -> list[nn.Module]:
+    """The model's residual blocks or encoder layers, in order."""
+    return [module for module in model.modules() if isinstance(module, SEGMENT_KINDS)]
+
+
 def first_segments(model, count: int) -> list[nn.Module]:
     """recompute= for the first ``count`` residual blocks or encoder layers."""
-    return [module for module in model.modules() if isinstance(module, SEGMENT_KINDS)][:count]
+    return _segment_modules(model)[:count]
 
 
 def first_half_of_the_segments(model) -> list[nn.Module]:
     """recompute= for the first half of the blocks or layers: the ResNets' early, high-resolution
     stages hold the most memory per FLOP; the ViT's layers are all alike."""
-    return first_segments(model, sum(isinstance(module, SEGMENT_KINDS) for module in model.modules()) // 2)
+    blocks = _segment_modules(model)
+    return blocks[:len(blocks) // 2]
 
 
 def samplewise_recomputed_evaluation(model, batch):
