@@ -1,11 +1,13 @@
 // Python module nio_fast._C: argument conversion and the GIL only; the work
 // is in gram_ops.cpp, tensor_dots.cpp, work_table.cpp, chunk_reduce.cpp,
-// group_norm.cpp, batch_norm.cpp, layer_norm.cpp and attention.cpp.
+// group_norm.cpp, batch_norm.cpp, layer_norm.cpp, attention.cpp and
+// cpu_allocation_cache.cpp.
 #include <torch/extension.h>
 
 #include "attention.h"
 #include "batch_norm.h"
 #include "chunk_reduce.h"
+#include "cpu_allocation_cache.h"
 #include "cpu_kernels.h"
 #include "gram_ops.h"
 #include "group_norm.h"
@@ -130,6 +132,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Attention's softmax double backward in place, CPU: grad_p <- dS, cot_grad_scores (H / scale) <- GdP, "
       "cot_p <- GS (nio_fast/ops/attention.py).");
   m.def("cuda_compiled", &cuda_compiled, "True when the CUDA kernels were compiled in.");
+  m.def("cpu_cache_enter", &nio_fast::cpu_cache_enter,
+        "Enter a span in which freed CPU tensor blocks of 16 KB or more are kept and reused (spans nest); "
+        "False, and nothing done, when a CPU allocator other than PyTorch's default is installed.");
+  m.def("cpu_cache_exit", &nio_fast::cpu_cache_exit, "Leave a span; leaving the outermost frees every kept block.");
+  m.def("cpu_cache_stats", &nio_fast::cpu_cache_stats,
+        "[depth, kept bytes, bytes handed out now, most handed out at once in the span, reuses, fresh allocations].");
 
   // For tests and benchmarks: which CPU kernel variant runs ("baseline" / "avx2").
   m.def("_cpu_kernel_variant", []() { return std::string(nio_fast::cpu::active_kernels().name); });

@@ -21,6 +21,7 @@ from .algorithms.model_state import nio_modes
 from .algorithms.nio import OBJECTIVES, run_nio
 from .algorithms.report import InitReport
 from .availability import BACKEND_NAMES
+from .cpu_memory import cached_cpu_memory
 from .samplewise.segments import resolve_segments
 
 METHODS = ("nio", "gradinit")
@@ -231,6 +232,8 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
     works); modes, buffers, flags and ``.grad`` are as before; each tensor changes by one
     positive factor. If anything raises, the model is restored exactly and the exception
     propagates. A non-finite value stops the run with a warning, keeping the last finite state.
+    Freed CPU tensor memory is kept and reused for the run (``nio_fast.cpu_memory``;
+    ``NIO_FAST_CPU_CACHE=0`` turns that off).
 
     Args:
         model: the network. data: an iterable of ``(inputs, targets)`` batches (cycled) or one
@@ -261,6 +264,7 @@ def initialize(model: nn.Module, data: Any, loss_fn: Optional[LossFn] = None, *,
     group = distributed.resolve_group(process_group, model)
     model = distributed.unwrap(model)  # a DDP model runs through its module (nio_fast.distributed)
     with contextlib.ExitStack() as run_context:
+        run_context.enter_context(cached_cpu_memory())  # freed CPU tensor memory reused across iterations
         with distributed.agreement(group) as notes:
             names, tensors, settings = _check_initialize_arguments(
                 model, params, method=method, iters=iters, sub_batches=sub_batches, overlap=overlap, gamma=gamma,
