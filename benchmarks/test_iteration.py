@@ -26,14 +26,18 @@ FLOOR_CASES = sorted({(model, batch) for model, batch, _ in CASES})
 ROUNDS = 3  # + 1 warm-up: the iteration suite then takes about 6 minutes on 2 cores (5-6 measured)
 
 
-def reference_iteration(model, batch, sub_batches):
+def reference_iteration(model, batch, sub_batches, iters=1):
+    """``iters`` iterations of the reference on ``batch`` (one by default: what the suite times)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    reference_nio(model, [batch], F.cross_entropy, [n for n, _ in named], [p for _, p in named], iters=1,
+    reference_nio(model, [batch], F.cross_entropy, [n for n, _ in named], [p for _, p in named], iters=iters,
                   sub_batches=sub_batches)
 
 
-def nio_fast_iteration(model, batch, sub_batches, mode="auto"):
-    nio_fast.initialize(model, batch, iters=1, sub_batches=sub_batches, progress=False, mode=mode)
+def nio_fast_iteration(model, batch, sub_batches, mode="auto", iters=1):
+    """One ``initialize`` call of ``iters`` iterations on ``batch`` (one by default: what the suite
+    times, each call a span of the CPU allocation cache of its own, so the one iteration starts
+    with nothing kept; interleaved.py --iters times the iterations after the first too)."""
+    nio_fast.initialize(model, [batch] * iters, iters=iters, sub_batches=sub_batches, progress=False, mode=mode)
 
 
 def recompute_iteration(model, batch, sub_batches):

@@ -4,7 +4,9 @@
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
+#ifndef _WIN32
 #include <pthread.h>
+#endif
 
 #include <algorithm>
 #include <mutex>
@@ -34,7 +36,9 @@ class CpuAllocationCache final : public c10::Allocator {
     // Never destroyed: tensors freed during interpreter shutdown still find it.
     static CpuAllocationCache* cache = [] {
       auto* made = new CpuAllocationCache();
+#ifndef _WIN32
       pthread_atfork(&prepare_fork, &parent_after_fork, &child_after_fork);
+#endif
       return made;
     }();
     return *cache;

@@ -319,8 +319,14 @@ def test_interleaved_rounds_report_medians_and_ranges():
     for key in ("mode_speed_up", "mode_over_nio_fast"):
         assert 0 < with_mode[key]["min"] <= with_mode[key]["median"] <= with_mode[key]["max"]
 
+    per_iteration = interleaved.interleaved_rounds("resnet20_gn", 2, rounds=2, batch_size=8, iters=2,
+                                                   compare_cache=True, width=4)
+    assert per_iteration["iters"] == 2 and "cache_on_over_off" in per_iteration
+    assert 0 < per_iteration["cache_on_over_off"]["min"] <= per_iteration["cache_on_over_off"]["max"]
+    assert os.environ.get("NIO_FAST_CPU_CACHE") is None  # the cache-off call put the switch back
+
     samples = interleaved.interleaved_rounds("resnet20_gn", "samples", rounds=2, batch_size=4, width=4)
-    assert set(samples) == {"model", "D", "batch", "rounds", "floor_steps", "samplewise_steps",
+    assert set(samples) == {"model", "D", "batch", "rounds", "iters", "floor_steps", "samplewise_steps",
                             "samplewise_over_floor", "recompute_steps", "recompute_over_samplewise",
                             "recompute_half_steps", "recompute_half_over_samplewise", "nio_samples_steps",
                             "nio_samples_over_samplewise", "nio_recompute_steps", "nio_recompute_over_nio",
@@ -334,7 +340,7 @@ def test_interleaved_rounds_report_medians_and_ranges():
     assert all(ratio > 0 for ratio in first["alloc_over_step"].values())
 
     growth = interleaved.interleaved_rounds("resnet20_gn", (2, 4), rounds=2, batch_size=8, width=4)
-    assert set(growth) == {"model", "D", "batch", "rounds", "nio_fast_growth", "reference_growth"}
+    assert set(growth) == {"model", "D", "batch", "rounds", "iters", "nio_fast_growth", "reference_growth"}
     assert 0 < growth["nio_fast_growth"]["min"] <= growth["nio_fast_growth"]["max"]
 
 
