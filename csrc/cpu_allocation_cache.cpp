@@ -126,9 +126,12 @@ class CpuAllocationCache final : public c10::Allocator {
     const size_t size = found->second;
     handed_out_.erase(found);
     in_use_bytes_ -= size;
-    // At most as much kept as the span ever had handed out at once: the process
-    // holds at most twice its peak, whatever mix of sizes it asks for.
-    if (depth_ == 0 || kept_bytes_ + size > peak_in_use_bytes_) return false;
+    // At most twice what the span ever had handed out at once, whatever mix of
+    // sizes it asks for. Sample-wise ResNet-18 at N = 64, second iteration: 65
+    // fresh blocks and 88k page faults with the bound at once the peak, 13 and
+    // 33k at twice (0.95x -> 0.90x the time without the cache, resident peak
+    // 1195 -> 1039 MB against 1432 without).
+    if (depth_ == 0 || kept_bytes_ + size > 2 * peak_in_use_bytes_) return false;
     kept_[size].push_back(block);
     kept_bytes_ += size;
     return true;

@@ -6,7 +6,8 @@
 // pages: 11k-15k page faults and ~10% of an iteration in the kernel on the
 // small ViT at D = 4 (2-core CPU), where a training step faults none. Inside a
 // span, this allocator keeps each freed block of 16 KB or more in a list by
-// page-rounded size and hands it out again for the same size; on leaving the
+// page-rounded size and hands it out again for the same size, keeping at most
+// twice the most bytes the span had handed out at once; on leaving the
 // outermost span every kept block is freed.
 //
 // It is installed as PyTorch's CPU allocator on the first entry and stays

@@ -64,15 +64,15 @@ def test_spans_nest_and_the_outermost_frees_what_it_kept():
     assert stats["depth"] == 0 and stats["kept_bytes"] == 0
 
 
-def test_kept_bytes_never_exceed_the_spans_peak_in_use():
+def test_kept_bytes_never_exceed_twice_the_spans_peak_in_use():
     """Distinct sizes, each freed before the next: without the bound the cache would hold them all."""
     with cached_cpu_memory():
         for pages in range(64, 96):
             block = torch.empty(pages * 1024)  # float32: `pages` pages of 4 KB
             del block
         stats = cache_stats()
-        assert 0 < stats["kept_bytes"] <= stats["peak_in_use_bytes"] - stats["in_use_bytes"] + stats["kept_bytes"]
-        assert stats["kept_bytes"] <= stats["peak_in_use_bytes"]
+        assert 0 < stats["kept_bytes"] <= 2 * stats["peak_in_use_bytes"]
+        assert stats["kept_bytes"] < sum(pages * 4096 for pages in range(64, 96))  # some were freed
 
 
 def test_tensors_outliving_the_span_are_freed_not_kept():
