@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
@@ -80,15 +81,8 @@ def seconds(call) -> float:
 def cache_off(call):
     """``call`` with the CPU allocation cache turned off (nio_fast.cpu_memory)."""
     def without_cache():
-        previous = os.environ.get(cpu_memory.DISABLE_VARIABLE)
-        os.environ[cpu_memory.DISABLE_VARIABLE] = "0"
-        try:
+        with mock.patch.dict(os.environ, {cpu_memory.DISABLE_VARIABLE: "0"}):
             call()
-        finally:
-            if previous is None:
-                del os.environ[cpu_memory.DISABLE_VARIABLE]
-            else:
-                os.environ[cpu_memory.DISABLE_VARIABLE] = previous
     return without_cache
 
 
