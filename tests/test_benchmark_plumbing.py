@@ -344,6 +344,15 @@ def test_interleaved_rounds_report_medians_and_ranges():
     assert 0 < growth["nio_fast_growth"]["min"] <= growth["nio_fast_growth"]["max"]
 
 
+def test_cpu_cache_rounds_alternate_the_cache_and_restore_the_switch():
+    import cpu_cache
+    result = cpu_cache.alternating_rounds("resnet20_gn", 2, rounds=2, iters=2, batch_size=8, width=4)
+    assert (result["model"], result["D"], result["rounds"], result["iters"]) == ("resnet20_gn", 2, 2, 2)
+    assert 0 < result["on_over_off"]["min"] <= result["on_over_off"]["median"] <= result["on_over_off"]["max"]
+    assert result["faults_on"] >= 0 and result["faults_off"] >= 0
+    assert os.environ.get("NIO_FAST_CPU_CACHE") is None
+
+
 def test_iteration_rows_set_the_floor_beside_every_d_of_its_model():
     rows = [{"model": "m", "batch": 64, "D": d, "implementation": impl, "seconds": seconds, "step_seconds": 0.5}
             for d, impl, seconds in ((2, "reference", 4.0), (2, "nio_fast", 2.0), (4, "reference", 8.0),
