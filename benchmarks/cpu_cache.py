@@ -11,25 +11,23 @@ This is the command behind the README's "alternating calls" figures.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import os
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
-import nio_fast  # noqa: E402
 from networks import MODELS, images, make  # noqa: E402
-from nio_fast import cpu_memory  # noqa: E402
+from test_iteration import nio_fast_iteration  # noqa: E402
 
 
 def timed_call(call, cache_on: bool) -> tuple[float, int]:
     """(seconds, minor page faults) of ``call()`` with the cache on or off."""
-    with mock.patch.dict(os.environ, {cpu_memory.DISABLE_VARIABLE: "1" if cache_on else "0"}):
+    with harness.cpu_cache_switched(cache_on):
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         call()
@@ -42,9 +40,7 @@ def alternating_rounds(model_name: str, sub_batches, rounds: int, iters: int = 3
     """Median and range over ``rounds`` of (seconds with the cache) / (seconds without), and each
     arm's median page faults, for ``initialize`` calls of ``iters`` iterations."""
     model, batch = make(model_name, **options), images(batch_size)
-
-    def call():
-        nio_fast.initialize(model, [batch] * iters, iters=iters, sub_batches=sub_batches, progress=False)
+    call = functools.partial(nio_fast_iteration, model, batch, sub_batches, iters=iters)
     for cache_on in (False, True):  # warm-up: lazy imports, the first call's mode choices
         timed_call(call, cache_on)
     ratios, faults = [], {True: [], False: []}

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import torch
 
@@ -69,6 +70,13 @@ def median_seconds(fn: Callable[[], object], rounds: int = 5, warmup: int = 1) -
         synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_cache_switched(on: bool):
+    """A context in which nio_fast's CPU allocation cache is on or off (``NIO_FAST_CPU_CACHE``,
+    nio_fast.cpu_memory), the environment restored after."""
+    from nio_fast import cpu_memory
+    return mock.patch.dict(os.environ, {cpu_memory.DISABLE_VARIABLE: "1" if on else "0"})
 
 
 def allocated_peak_mb(fn: Callable[[], object]) -> float:

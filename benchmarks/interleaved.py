@@ -32,18 +32,15 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
-from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402,F401  (puts tests/ on the path for the reference)
+import harness  # noqa: E402  (also puts tests/ on the path for the reference)
 from networks import MODELS, images, make  # noqa: E402
-from nio_fast import cpu_memory  # noqa: E402
 from nio_fast.algorithms.gradcosine import MODES  # noqa: E402
 from test_iteration import nio_fast_iteration, reference_iteration  # noqa: E402
 from workloads import (SAMPLEWISE_CALLS, double_backward_floor, first_segments, samplewise_nio_iteration,  # noqa: E402
@@ -81,7 +78,7 @@ def seconds(call) -> float:
 def cache_off(call):
     """``call`` with the CPU allocation cache turned off (nio_fast.cpu_memory)."""
     def without_cache():
-        with mock.patch.dict(os.environ, {cpu_memory.DISABLE_VARIABLE: "0"}):
+        with harness.cpu_cache_switched(False):
             call()
     return without_cache
 

@@ -52,15 +52,13 @@ class CpuAllocationCache final : public c10::Allocator {
       {
         std::lock_guard<std::mutex> lock(mutex_);
         spanned = depth_ > 0;
-        if (spanned) block = take_kept(size);
+        if (spanned && (block = take_kept(size)) != nullptr) hand_out(block, size);
       }
       if (spanned) {
-        if (block == nullptr) block = fresh_block(size);
-        {
+        if (block == nullptr) {  // malloc outside the lock, then one more turn of it
+          block = fresh_block(size);
           std::lock_guard<std::mutex> lock(mutex_);
-          handed_out_[block] = size;
-          in_use_bytes_ += size;
-          peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
+          hand_out(block, size);
         }
         c10::profiledCPUMemoryReporter().New(block, nbytes);
         return {block, block, &release, c10::Device(c10::DeviceType::CPU)};
@@ -135,6 +133,12 @@ class CpuAllocationCache final : public c10::Allocator {
     kept_[size].push_back(block);
     kept_bytes_ += size;
     return true;
+  }
+
+  void hand_out(void* block, size_t size) {  // under mutex_
+    handed_out_[block] = size;
+    in_use_bytes_ += size;
+    peak_in_use_bytes_ = std::max(peak_in_use_bytes_, in_use_bytes_);
   }
 
   void* take_kept(size_t size) {  // under mutex_

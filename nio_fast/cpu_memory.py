@@ -25,9 +25,9 @@ from . import availability
 DISABLE_VARIABLE = "NIO_FAST_CPU_CACHE"
 
 
-def enabled() -> bool:
-    """Whether spans keep memory: the extension is built and ``NIO_FAST_CPU_CACHE`` is not "0"."""
-    return os.environ.get(DISABLE_VARIABLE, "1").strip() != "0" and availability.extension() is not None
+def _allocator_module():
+    """The extension, unless ``NIO_FAST_CPU_CACHE`` is "0" or it is not built."""
+    return availability.extension() if os.environ.get(DISABLE_VARIABLE, "1").strip() != "0" else None
 
 
 @contextlib.contextmanager
@@ -35,16 +35,17 @@ def cached_cpu_memory() -> Iterator[bool]:
     """A span in which freed CPU tensor blocks are kept and reused; yields whether it is on.
 
     Spans nest (the outermost frees the kept blocks on leaving) and are shared by threads. Off
-    when disabled (:func:`enabled`) or when another CPU allocator than PyTorch's default is
-    installed (the extension never replaces one). Values are unchanged either way: only where
+    with ``NIO_FAST_CPU_CACHE=0``, without the extension, or when another CPU allocator than
+    PyTorch's default is installed (the extension never replaces one). Values are unchanged either way: only where
     the bytes come from differs.
     """
-    on = enabled() and availability.extension().cpu_cache_enter()
+    module = _allocator_module()
+    on = module is not None and module.cpu_cache_enter()
     try:
         yield on
     finally:
         if on:
-            availability.extension().cpu_cache_exit()
+            module.cpu_cache_exit()
 
 
 def cache_stats() -> dict[str, int]:
