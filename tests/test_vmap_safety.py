@@ -5,6 +5,8 @@ wrongly (GradCosine itself agrees; its gradient is off by 1e-2 to O(1) relative)
 pin that down per layer kind: the per-chunk path must equal the exact whole-batch path in value
 AND scale gradient, whichever way (vmap or loop) it went.
 """
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,23 @@ class FunctionalLayerNorm(nn.Module):
         return F.layer_norm(x, x.shape[-1:])
 
 
+class LastLSTMOutputs(nn.Module):
+    """An LSTM: ops vmap has no batching rule for, which it runs one chunk at a time."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+class WarningLinear(nn.Linear):
+    def forward(self, x):
+        warnings.warn("a warning of the user's model", UserWarning)
+        return super().forward(x)
+
+
 CASES = {
     "group_norm": (lambda: ImageNet(nn.GroupNorm(2, 4)), True),
     "dilated_grouped_conv": (lambda: ImageNet(nn.Conv2d(4, 4, 3, dilation=2, groups=2)), True),
@@ -49,6 +68,7 @@ CASES = {
     "transformer_layer": (lambda: SequenceNet(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
                                                                          batch_first=True)), False),
     "gelu_softmax": (lambda: SequenceNet(nn.Sequential(nn.GELU(), nn.Softmax(-1))), True),
+    "lstm": (lambda: SequenceNet(LastLSTMOutputs()), False),  # float64: vmap raises (float32 below)
 }
 
 
@@ -81,3 +101,27 @@ def test_chunks_of_sixteen_samples_or_more_loop_on_the_cpu_instead_of_vmap():
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
     nio_fast.gradcosine(model, batch, sub_batches=4, mode="per_chunk")  # 8 samples per chunk: vmap
     assert engine._VMAP_VERDICT.get(model) is True
+
+
+def test_an_lstm_vmapped_in_float32_is_exact_and_its_fallback_warnings_are_silenced():
+    """float32: vmap runs the LSTM's cells one chunk at a time (its own warning, silenced; the
+    model's own warnings pass), and the result equals the exact path."""
+    torch.manual_seed(0)
+    model = SequenceNet(nn.Sequential(LastLSTMOutputs(), WarningLinear(16, 16)))
+    batch = (torch.randn(8, 6, 16), torch.randint(0, 5, (8,)))
+    params = list(model.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = nio_fast.gradcosine(model, batch, sub_batches=4, create_graph=True, mode="per_chunk")
+        fast_grads = torch.autograd.grad(fast.value, params)
+    assert engine._VMAP_VERDICT.get(model) is True
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if engine._VMAP_FALLBACK_WARNING in m], messages
+    assert "a warning of the user's model" in messages
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="a warning of the user's model")
+        exact = nio_fast.gradcosine(model, batch, sub_batches=4, create_graph=True, mode="exact")
+        exact_grads = torch.autograd.grad(exact.value, params)
+    torch.testing.assert_close(fast.value, exact.value, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_grads, exact_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
@@ -164,6 +165,13 @@ def _split_leading(obj: Any, num_chunks: int) -> tuple[list, list, Any]:
     return split, dims, spec
 
 
+# PyTorch warns when vmap runs an op without a batching rule one chunk at a time (an LSTM's
+# cells): nothing a caller can act on, and still faster than the loop over chunks (embedding, a
+# 32 -> 64 LSTM over 20 steps and a linear head; two-iteration initialize calls alternated over 5
+# rounds on 2 CPU cores: the loop took 1.9x, 2.9x and 5.2x vmap's time at D = 4, 8, 16, N = 16, 64, 64).
+_VMAP_FALLBACK_WARNING = "There is a performance drop because we have not yet implemented the batching rule"
+
+
 def vmapped_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn: LossFn,
                             params: Sequence[torch.Tensor], num_chunks: int,
                             create_graph: bool) -> list[torch.Tensor]:
@@ -180,8 +188,10 @@ def vmapped_chunk_gradients(model: nn.Module, inputs: Any, targets: Any, loss_fn
         outputs = call_model(model, tree_unflatten(chunk_inputs, input_spec), parameters)
         return scalar_loss(loss_fn(outputs, tree_unflatten(chunk_targets, target_spec)))
 
-    grads = torch.func.vmap(torch.func.grad(chunk_loss), in_dims=(None, input_dims, target_dims))(
-        selected, input_leaves, target_leaves)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_VMAP_FALLBACK_WARNING)
+        grads = torch.func.vmap(torch.func.grad(chunk_loss), in_dims=(None, input_dims, target_dims))(
+            selected, input_leaves, target_leaves)
     stacked = [grads[names[id(p)]] for p in params]
     return stacked if create_graph else [g.detach() for g in stacked]
 
