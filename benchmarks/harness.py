@@ -79,13 +79,10 @@ def cpu_cache_switched(on: bool):
     return mock.patch.dict(os.environ, {cpu_memory.DISABLE_VARIABLE: "1" if on else "0"})
 
 
-def allocated_peak_mb(fn: Callable[[], object]) -> float:
-    """The most tensor memory live at once during ``fn()``, above what was live before it: the CPU
-    allocator's peak, as torch.profiler's memory events count it (the CPU twin of
-    torch.cuda.max_memory_allocated). Unlike the peak resident set it does not depend on what
-    glibc's malloc keeps back after frees: on the sample-wise ResNet-18 at N = 64, the resident
-    peak with the default malloc was 1.7x the one with a fixed mmap threshold
-    (MALLOC_MMAP_THRESHOLD_=131072), which this figure matched within 2%."""
+def allocation_events(fn: Callable[[], object]) -> tuple[list, int]:
+    """torch.profiler's memory events of one ``fn()`` call in time order (each an allocation of
+    ``extra_fields.alloc_size`` bytes, or a free of minus that, its parents the ops that made
+    it), and the allocator's total just before the first of them."""
     from torch._C._profiler import _EventType
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -95,13 +92,26 @@ def allocated_peak_mb(fn: Callable[[], object]) -> float:
         pending.extend(event.children)
         if event.tag == _EventType.Allocation:
             events.append(event)
+    events.sort(key=lambda event: event.start_time_ns)
     if not events:
-        return 0.0
+        return [], 0
     # total_allocated counts from the first profile of the process: tensors an earlier profiled
     # call allocated and that were freed outside any profile stay in it, so the peak is taken
     # above the count just before this call's first event.
-    first = min(events, key=lambda event: event.start_time_ns).extra_fields
-    baseline = first.total_allocated - first.alloc_size
+    first = events[0].extra_fields
+    return events, first.total_allocated - first.alloc_size
+
+
+def allocated_peak_mb(fn: Callable[[], object]) -> float:
+    """The most tensor memory live at once during ``fn()``, above what was live before it: the CPU
+    allocator's peak, as torch.profiler's memory events count it (the CPU twin of
+    torch.cuda.max_memory_allocated). Unlike the peak resident set it does not depend on what
+    glibc's malloc keeps back after frees: on the sample-wise ResNet-18 at N = 64, the resident
+    peak with the default malloc was 1.7x the one with a fixed mmap threshold
+    (MALLOC_MMAP_THRESHOLD_=131072), which this figure matched within 2%."""
+    events, baseline = allocation_events(fn)
+    if not events:
+        return 0.0
     return (max(event.extra_fields.total_allocated for event in events) - baseline) / 2**20
 
 

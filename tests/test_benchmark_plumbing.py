@@ -293,6 +293,22 @@ def test_allocated_peak_counts_the_tensors_live_at_once():
     assert abs(harness.allocated_peak_mb(two_then_one) - 8.0) < 0.1
 
 
+def test_peak_owners_list_what_is_live_at_the_peak_by_the_op_that_made_it():
+    import peak_owners
+
+    def four_owners():
+        noise = torch.randn(2**20)  # 4 MiB (aten::randn), live at the peak
+        doubled = noise * 2  # 4 MiB (aten::mul), live at the peak
+        shifted = torch.ones(2**19) + 1  # 2 MiB (aten::add); its aten::ones input is freed before the peak
+        joined = torch.cat([doubled, shifted])  # the peak: 6 MiB more, 16 in all
+        return joined.sum()
+    peak_mb, rows = peak_owners.peak_owners(four_owners, depth=2)
+    assert abs(peak_mb - 16.0) < 0.1  # (the peak is the sum's 4 bytes on top)
+    assert {owner: round(mb, 1) for owner, mb, _ in rows if mb > 0.1} == \
+        {"aten::empty < aten::randn": 4.0, "aten::mul": 4.0, "aten::add": 2.0, "aten::cat": 6.0}
+    assert rows[0][0] == "aten::cat" and all(count == 1 for _, _, count in rows)
+
+
 def test_memory_rows_take_medians_their_spread_and_allocator_ratios():
     rows = [{"model": "m", "D": None, "implementation": "step", "extra_mb": 50.0},
             {"model": "m", "D": 8, "implementation": "reference", "extra_mb": 200.0,
