@@ -82,6 +82,7 @@ def test_weights_materialised_in_channel_blocks_are_exact(monkeypatch, name, sub
     from nio_fast.samplewise import blocked_gram
     monkeypatch.setattr(blocked_gram, "BLOCK_ELEMENTS", 1)
     monkeypatch.setattr(blocked_gram, "MIN_BLOCK_CHANNELS", 2 if dtype == torch.float64 else 1)
+    monkeypatch.setattr(blocked_gram, "CHANNEL_ALIGNMENT", 1)
     monkeypatch.setattr(engine, "choose_outer_route", lambda *sizes: "materialize")
     monkeypatch.setattr(engine, "_chunks_beat_ghost", lambda *args: False)
     calls = []
@@ -94,16 +95,24 @@ def test_weights_materialised_in_channel_blocks_are_exact(monkeypatch, name, sub
         assert calls and any(len(blocks) > 1 for blocks in calls)
 
 
-def test_channel_blocks_tile_the_channels_near_evenly():
-    from nio_fast.samplewise.blocked_gram import BLOCK_ELEMENTS, MIN_BLOCK_CHANNELS, channel_blocks
+def test_channel_blocks_tile_the_channels_in_aligned_widths():
+    from nio_fast.samplewise.blocked_gram import BLOCK_ELEMENTS, CHANNEL_ALIGNMENT, MIN_BLOCK_CHANNELS, channel_blocks
     assert channel_blocks(64, 16, 576) == [(0, 64)]  # rows of 590k values: one block
-    blocks = channel_blocks(256, 64, 2304)  # a 256 x 256 x 3 x 3 convolution at N = 64
-    assert blocks[0][0] == 0 and blocks[-1][1] == 256
-    assert all(end == start for (_, end), (start, _) in zip(blocks[:-1], blocks[1:]))
-    widths = [end - start for start, end in blocks]
-    assert max(widths) - min(widths) <= 1 and max(widths) <= max(MIN_BLOCK_CHANNELS, BLOCK_ELEMENTS // (64 * 2304))
-    assert channel_blocks(100, 1, 1 << 16) == [(0, 25), (25, 50), (50, 75), (75, 100)]  # <= 32 channels each
-    assert min(end - start for start, end in channel_blocks(512, 256, 4608)) >= MIN_BLOCK_CHANNELS
+    for channels, rows, per_channel in [(256, 64, 2304), (128, 64, 1152), (128, 64, 576), (100, 1, 1 << 16),
+                                        (512, 256, 4608), (200, 7, 300)]:
+        blocks = channel_blocks(channels, rows, per_channel)
+        assert blocks[0][0] == 0 and blocks[-1][1] == channels
+        assert all(end == start for (_, end), (start, _) in zip(blocks[:-1], blocks[1:]))
+        widths = [end - start for start, end in blocks]
+        assert len(set(widths[:-1])) <= 1 and widths[-1] <= widths[0]  # one width, the last takes the rest
+        assert all(width % CHANNEL_ALIGNMENT == 0 for width in widths[:-1])
+        # at most about BLOCK_ELEMENTS values a block (rounded to the alignment), MIN_BLOCK_CHANNELS at least
+        fits = BLOCK_ELEMENTS / (rows * per_channel)
+        assert widths[0] <= max(MIN_BLOCK_CHANNELS, fits + CHANNEL_ALIGNMENT / 2)
+        assert len(blocks) == 1 or widths[0] >= MIN_BLOCK_CHANNELS
+    # a 128 x 128 x 3 x 3 convolution at N = 64 (28 channels fit): 4 blocks of 32, not 5 of 25-26
+    assert channel_blocks(128, 64, 1152) == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert channel_blocks(100, 1, 1 << 16) == [(0, 32), (32, 64), (64, 96), (96, 100)]
 
 
 @pytest.mark.parametrize("chunk_sums", [True, False], ids=["chunk-sums", "sample-grams"])
