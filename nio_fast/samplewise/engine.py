@@ -26,8 +26,8 @@
 
 Differentiating the Gram then costs one double backward: the whole evaluation is the floor of
 any differentiation through a whole-batch backward (about three training steps) plus the
-per-sample Gram, 1.4x that floor on a small ViT and 1.7-1.8x on a GroupNorm ResNet-18 at N = 64
-(benchmarks/interleaved.py MODEL samples), growing little with N.
+per-sample Gram, 1.4-1.6x that floor on a small ViT and 1.5-1.8x on a GroupNorm ResNet-18 at
+N = 64 (benchmarks/interleaved.py MODEL samples), growing little with N.
 """
 from __future__ import annotations
 
