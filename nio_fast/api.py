@@ -180,13 +180,13 @@ def gradcosine(model: nn.Module, batch: Any, loss_fn: Optional[LossFn] = None, *
         recompute: submodules (modules, or module classes standing for their outermost instances)
             whose forward, backward and Gram parts are recomputed instead of kept while the result
             is differentiated: the same value and gradients with only each one's input and output
-            gradient alive (``nio_fast.samplewise.segments``), for about two more forwards and
+            gradient alive (``nio_fast.samplewise.segments``), for about three more forwards and
             two more backwards of them. The ``"factors"`` mode only (``sub_batches="samples"``, or
             sub-batches with ``mode="factors"``); a recomputed module's parameters must be its own,
             used once per forward. None: none. Name several, from the input side: the first
             one's recomputation runs as the double backward starts, beside everything kept, so
             one alone can raise the peak (a GroupNorm ResNet-18 at N = 64: 2.5x a training step's
-            allocator peak with its first block recomputed, 2.35x with none, 2.1x, 1.9x and 1.75x
+            allocator peak with its first block recomputed, 2.35x with none, 2.2x, 2.0x and 1.8x
             with the first two, three and four, 1.5x with all eight).
 
     Returns:

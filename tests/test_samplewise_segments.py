@@ -204,52 +204,45 @@ def test_recompute_keeps_a_fraction_of_the_memory():
     assert recomputed < 0.5 * kept, f"recomputed peak {recomputed:.1f} MB against {kept:.1f} MB kept"
 
 
-@pytest.mark.parametrize("recompute,expected,forwards", [
+@pytest.mark.parametrize("recompute,expected", [
     # the values pass of every block but the last reached, whose graph is built once and kept;
-    # the double backward recomputes the others with a graph, their parts' values skipped. The
-    # engine's backward's passes take the forwards' graphs (kept: True): 3 forwards there, 2 after
-    (ResidualBlock, {(False, True, True): 2, (True, True, True): 1, (True, False, False): 2}, 5),
+    # the double backward recomputes the others with a graph, their parts' values skipped
+    (ResidualBlock, {(False, True): 2, (True, True): 1, (True, False): 2}),
     # a lone segment keeping its graph would keep everything: recomputed like the others
-    ("one", {(False, True, True): 1, (True, False, False): 1}, 2),
+    ("one", {(False, True): 1, (True, False): 1}),
 ])
-def test_the_last_segment_reached_keeps_its_graph_for_the_double_backward(recompute, expected, forwards):
+def test_the_last_segment_reached_keeps_its_graph_for_the_double_backward(recompute, expected):
     from nio_fast.samplewise import engine
     model, batch = chain(torch.float64)
     segments = [model.blocks[1]] if recompute == "one" else recompute
     _, params = trainable(model)
-    passes, forward_runs = [], []
-    original_pass, original_forward = engine._segment_gram_pass, engine._segment_forward
+    passes = []
+    original = engine._segment_gram_pass
 
-    def counted_pass(*args):
-        passes.append((*args[-4:-2], args[-1] is not None))  # (create_graph, values, kept forward)
-        return original_pass(*args)
-
-    def counted_forward(*args):
-        forward_runs.append(args)
-        return original_forward(*args)
+    def counted(*args):
+        passes.append(args[-3:-1])  # (create_graph, values)
+        return original(*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "_segment_gram_pass", counted_pass)
-        patch.setattr(engine, "_segment_forward", counted_forward)
+        patch.setattr(engine, "_segment_gram_pass", counted)
         result = nio_fast.gradcosine(model, batch, sub_batches="samples", create_graph=True, recompute=segments)
         first = torch.autograd.grad(result.value, params, retain_graph=True)
         assert {kind: passes.count(kind) for kind in set(passes)} == expected
-        assert len(forward_runs) == forwards
         second = torch.autograd.grad(result.value, params)  # the kept graph was used up: recomputed
     for mine, theirs in zip(second, first):
         assert_near(mine, theirs, 1e-12, "gradient of a second double backward")
 
 
 class SquashedBlock(ResidualBlock):
-    """Ends in a tanh, whose backward reads the output it saved."""
+    """Ends in a tanh, whose backward reads the output it saves."""
 
     def forward(self, x):
         return torch.tanh(super().forward(x))
 
 
 class InPlaceAfterSegments(Chain):
-    """Each block's output rectified, in place when ``inplace``: the graph a block's forward kept
-    saved that output (plain autograd would refuse; a recomputed segment keeps only its input)."""
+    """Each block's output rectified, in place when ``inplace`` (plain autograd would refuse: the
+    tanh saved that output; a recomputed segment keeps only its input)."""
 
     def __init__(self, inplace: bool):
         super().__init__()
@@ -263,25 +256,42 @@ class InPlaceAfterSegments(Chain):
         return self.head(x.mean(1))
 
 
-def test_a_segment_output_modified_in_place_is_recomputed_not_read_from_the_kept_graph():
-    from nio_fast.samplewise import engine
+def test_a_segment_output_modified_in_place_afterwards_changes_nothing():
     batch = (torch.randn(7, 4, 6, dtype=torch.float64), torch.randint(0, 5, (7,)))
     models = []
     for inplace in (False, True):
         torch.manual_seed(0)
         models.append(InPlaceAfterSegments(inplace).double())
     kept, kept_grads = evaluate(models[0], batch, sub_batches="samples")  # nothing recomputed, no in-place
-    passes = []
-    original = engine._segment_gram_pass
+    recomputed, grads = evaluate(models[1], batch, sub_batches="samples", recompute=SquashedBlock)
+    assert_near(recomputed.gram, kept.gram, 1e-12, "Gram")
+    for mine, theirs in zip(grads, kept_grads):
+        assert_near(mine, theirs, 1e-12, "gradient")
 
-    def counted(*args):
-        passes.append(args[-1] is not None)  # the kept forward taken
-        return original(*args)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine, "_segment_gram_pass", counted)
-        recomputed, grads = evaluate(models[1], batch, sub_batches="samples", recompute=SquashedBlock)
-    assert passes and not any(passes)
+class FirstBlockFrozen(Chain):
+    """Runs its first block under no_grad: no gradient flows through that call."""
+
+    def forward(self, x):
+        x = self.inp(x)
+        with torch.no_grad():
+            x = self.blocks[0](x)
+        for block in self.blocks[1:]:
+            x = block(x)
+        return self.head(x.mean(1))
+
+
+def test_a_segment_called_under_no_grad_gives_the_kept_engines_values():
+    torch.manual_seed(0)
+    model = FirstBlockFrozen().double()
+    batch = (torch.randn(7, 4, 6, dtype=torch.float64), torch.randint(0, 5, (7,)))
+    params = [p for name, p in model.named_parameters() if name.startswith(("blocks.1", "blocks.2", "head"))]
+    results = []
+    for recompute in (None, ResidualBlock):
+        result = nio_fast.gradcosine(model, batch, sub_batches="samples", params=params, create_graph=True,
+                                     recompute=recompute)
+        results.append((result, torch.autograd.grad(result.value, params)))
+    (kept, kept_grads), (recomputed, grads) = results
     assert_near(recomputed.gram, kept.gram, 1e-12, "Gram")
     for mine, theirs in zip(grads, kept_grads):
         assert_near(mine, theirs, 1e-12, "gradient")

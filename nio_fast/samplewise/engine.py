@@ -378,8 +378,8 @@ def samplewise_gram(model: torch.nn.Module, inputs: Any, targets: Any, loss_fn: 
     gram_size = num if chunks is None else len(chunks)
     segmented = Segments(segments, params, (gram_size, gram_size), dtype,
                          functools.partial(_segment_gram_pass, params, num, dtype, chunks, weights, gram_size),
-                         functools.partial(_segment_forward, params, num), probes)
-    with segmented.patched(recorder), recorder:
+                         probes)
+    with segmented.patched(), recorder:
         outputs = call_model(model, inputs)
     if chunks is None:
         losses = per_sample_losses(outputs, targets, loss_fn, num)
@@ -454,56 +454,40 @@ def _check_segment_ownership(segmented: Segments, seen: set, params: Sequence[to
                          f"Gram needs all its uses at once (leave that module out of recompute)")
 
 
-def _segment_forward(params: Sequence[torch.Tensor], num: int, call: SegmentCall, x: torch.Tensor,
-                     probes: Optional["ScaleProbes"]) -> tuple[torch.Tensor, FactorRecorder]:
-    """(output, its recorder): the segment run on ``x`` under a recorder of its own (inside
-    ``probes``, the segment's own probe mode: the recorder sees the plain calls first), in the
-    modes the caller entered (``call.as_in_forward``, grad enabled)."""
-    recorder = FactorRecorder(params, num)
-    with probes or contextlib.nullcontext(), recorder:
-        output = call.run(x)
-    owned = set(call.indices)
-    used = recorder.unfactored.keys() | {index for use in recorder.uses for index in use.roles.values()}
-    foreign = sorted(used - owned)
-    if foreign:
-        raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
-                         f"{tuple(params[foreign[0]].shape)} that is not its own; its per-sample Gram needs "
-                         f"all its uses at once (leave that module out of recompute)")
-    unfactored = {index: reason for index, reason in recorder.unfactored.items() if index in owned}
-    if unfactored:
-        index, reason = next(iter(unfactored.items()))
-        raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
-                         f"{tuple(params[index].shape)} in a way no factor rule covers ({reason}); "
-                         f"leave that module out of recompute")
-    return output, recorder
-
-
 def _segment_gram_pass(params: Sequence[torch.Tensor], num: int, dtype: torch.dtype,
                        chunks: Optional[Sequence[tuple[int, int]]], weights: Optional[ops.ChunkWeighting],
                        gram_size: int, call: SegmentCall, x: torch.Tensor, grad_output: torch.Tensor,
-                       create_graph: bool, values: bool, probes: Optional["ScaleProbes"],
-                       recorded: Optional[tuple[torch.Tensor, FactorRecorder]] = None
+                       create_graph: bool, values: bool, probes: Optional["ScaleProbes"]
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dL/dx, Gram part) of one segment: recompute it on ``x`` under a recorder, backpropagate
     ``grad_output`` to its input and its recorded outputs, and form the parts of the parameters
     it owns there, as the engine does for the whole model (with a graph when ``create_graph``;
     without the parts' values, which a graph pass may skip, unless ``values``). ``probes``: the
-    segment's own probe mode. ``recorded``: (output, recorder) of a forward already run from the
-    leaf ``x`` (:func:`_segment_forward`, kept from the model's forward), used instead of a
-    recomputation."""
-    with call.as_in_forward(recomputing=recorded is None), torch.enable_grad():
-        if recorded is None:
-            # The values pass takes a leaf of its own: a backward reaching the model's x would fire
-            # the engine's hook on it (the output of the layer feeding this segment) with these
-            # values. The graph pass gets the leaves its caller differentiates by.
-            x = x if create_graph else x.detach().requires_grad_()
-            output, recorder = _segment_forward(params, num, call, x, probes)
-        else:
-            output, recorder = recorded
+    segment's own probe mode, entered outside the recorder (which sees the plain calls first)."""
+    recorder = FactorRecorder(params, num)
+    with call.as_in_forward(), torch.enable_grad():
+        # The values pass takes a leaf of its own: a backward reaching the model's x would fire the
+        # engine's hook on it (the output of the layer feeding this segment) with these values. The
+        # graph pass gets the leaves its caller differentiates by.
+        x_in = x if create_graph else x.detach().requires_grad_()
+        with probes or contextlib.nullcontext(), recorder:
+            output = call.run(x_in)
         owned = set(call.indices)
+        used = recorder.unfactored.keys() | {index for use in recorder.uses for index in use.roles.values()}
+        foreign = sorted(used - owned)
+        if foreign:
+            raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
+                             f"{tuple(params[foreign[0]].shape)} that is not its own; its per-sample Gram needs "
+                             f"all its uses at once (leave that module out of recompute)")
+        unfactored = {index: reason for index, reason in recorder.unfactored.items() if index in owned}
+        if unfactored:
+            index, reason = next(iter(unfactored.items()))
+            raise ValueError(f"recompute: {type(call.module).__name__} uses a parameter of shape "
+                             f"{tuple(params[index].shape)} in a way no factor rule covers ({reason}); "
+                             f"leave that module out of recompute")
         factored = [use for use in recorder.uses if any(i in owned for i in use.roles.values())]
         planner = _PartPlanner(params, factored, {}, dtype, chunks, weights)
-        wanted = [use.output_edge for use in factored] + [x]
+        wanted = [use.output_edge for use in factored] + [x_in]
         # A graph pass that only differentiates the parts, whose values the values pass formed,
         # has the factor-Gram Functions skip them (ops.gram_values_unused).
         skipped = contextlib.nullcontext() if values else ops.gram_values_unused()

@@ -15,10 +15,9 @@ sequence and sample axes; it is replaced by an equal decomposition whose project
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 import functools
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,17 +121,6 @@ class FactorRecorder(TorchFunctionMode):
         """Called with (use, dL/d(output)) as a backward reaches each recorded output."""
         self._sample_axis = 0
         self._hooks: list[Any] = []
-        self.paused = False
-
-    @contextlib.contextmanager
-    def pausing(self) -> Iterator[None]:
-        """Inside, calls pass through unrecorded: a recomputed segment's forward, recorded by a
-        recorder of its own, runs inside the model's."""
-        self.paused = True
-        try:
-            yield
-        finally:
-            self.paused = False
 
     def remove_hooks(self) -> None:
         """Detach the output hooks (before any other backward runs through the recorded graph)."""
@@ -159,7 +147,7 @@ class FactorRecorder(TorchFunctionMode):
     # -- the mode ---------------------------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.paused or not torch.is_grad_enabled():  # no gradient flows from here (no_grad code)
+        if not torch.is_grad_enabled():  # no gradient flows from here (a recomputed segment's first run)
             return func(*args, **kwargs)
         if func is F.multi_head_attention_forward:
             return self._attention(func, args, kwargs)

@@ -6,24 +6,13 @@ allocator peak on a GroupNorm ResNet-18 and on a small ViT (benchmarks/results/s
 whatever the Gram route. A *segment* is a submodule (a residual block, a transformer layer)
 whose inside is recomputed instead of kept, twice over:
 
-- forward: the segment runs under a recorder of its own, its graph kept (beside its input
-  ``x``) until the engine's backward reaches it;
-- the engine's backward (with graph): the segment's backward node backpropagates through that
-  graph (or recomputes it, where the model modified the segment's output in place since), takes
-  its input gradient and the Gram parts of its parameters (values), and keeps only ``x`` and the
-  output gradient ``g`` (:class:`_SegmentBackward`);
+- forward: the segment runs without a graph; its input ``x`` is kept;
+- the engine's backward (with graph): the segment's backward node recomputes the segment,
+  takes its input gradient and the Gram parts of its parameters (values), and keeps only
+  ``x`` and the output gradient ``g`` (:class:`_SegmentBackward`);
 - the double backward: that node recomputes the segment, its backward and its Gram parts with
   a graph, and differentiates them at once (one segment's graph alive at a time); the forward
   node, reached later through the activations, recomputes the segment's plain backward.
-
-Keeping the forward's graph until the engine's backward saves one forward per segment: NIO's
-sample-wise iteration on the small ViT at N = 64 took 4.63 training steps instead of 5.44 with
-its first two layers recomputed, 5.72 instead of 6.77 with all four; the allocator's peak is
-then set by the engine's backward, which meets every kept graph: 1.73x a training step's
-instead of 1.70x, 1.26x instead of 0.90x with all four. On the GroupNorm ResNet-18, whose peak
-stays at the double backward's turn, it fell: 1.90x instead of 1.96x with the first three
-blocks recomputed, 1.48x instead of 1.53x with all eight (``python benchmarks/interleaved.py
-MODEL samples --recompute-first K``).
 
 The last segment the engine's backward reaches (the model's first, in a chain) is the first the
 double backward needs: its backward node builds that graph at once and keeps it, since nothing
@@ -41,11 +30,11 @@ nodes take NIO's probes as inputs and return the passes' probe gradients as thei
 recomputed weight's scale gradient skips its weight-sized products as a kept one's does (the
 first pass decides which weights; a recomputation that routes differently is an error).
 
-Cost: each segment's forward runs three times (two more than kept) and its backward three
+Cost: each segment's forward runs four times (three more than kept) and its backward three
 times (two more), its parameters' Gram parts twice (their values once); the last one reached
-runs its forward twice and its backward twice, its parts once. The parameters of a segment must
-be used inside it only, once per forward (the Gram of a tied weight is not a sum over segments),
-each by an op with a factor rule.
+runs its forward three times and its backward twice, its parts once. The parameters of a
+segment must be used inside it only, once per forward (the Gram of a tied weight is not a sum
+over segments), each by an op with a factor rule.
 """
 from __future__ import annotations
 
@@ -64,42 +53,13 @@ from ..ops.fused_calls import active_routing
 
 if TYPE_CHECKING:
     from ..algorithms.scale_probes import ScaleProbes
-    from .recorder import FactorRecorder
 
-GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool, bool, Optional["ScaleProbes"],
-                     Optional[tuple[torch.Tensor, "FactorRecorder"]]], tuple[torch.Tensor, torch.Tensor]]
-"""(call, x, g, create_graph, values, probes, recorded) -> (dL/dx, the segment's Gram parts):
-recompute the segment on ``x`` (its forward inside ``probes`` when given) unless ``recorded`` holds
-(output, recorder) of a forward already run from the leaf ``x``, backpropagate ``g`` through it,
-form its parameters' parts (the engine's rules; their values may be skipped in a graph pass
-unless ``values``)."""
-
-SegmentForward = Callable[["SegmentCall", torch.Tensor, Optional["ScaleProbes"]],
-                          tuple[torch.Tensor, "FactorRecorder"]]
-"""(call, x, probes) -> (output, recorder): the segment run on the leaf ``x`` under a recorder of its
-own, inside ``probes`` (the engine's; the caller enters the forward's modes, grad enabled)."""
-
-
-@dataclass
-class KeptForward:
-    """A segment's forward with its graph, run in the model's forward, for the engine's backward's
-    pass over the segment (one forward less than recomputing it there)."""
-
-    leaf: torch.Tensor
-    """The detached input the graph hangs from."""
-    output: torch.Tensor
-    recorder: "FactorRecorder"
-    probes: Optional["ScaleProbes"]
-    version: int
-    """The output's version counter then: the model modifying the output in place afterwards
-    (a ReLU(inplace=True) after the segment) invalidates what the graph saved of it."""
-
-    def intact(self) -> bool:
-        return self.output._version == self.version
-
-    def release(self) -> None:
-        """Unused after all: the recorder's hooks off the graph (they and it refer to each other)."""
-        self.recorder.remove_hooks()
+GramPass = Callable[["SegmentCall", torch.Tensor, torch.Tensor, bool, bool, Optional["ScaleProbes"]],
+                    tuple[torch.Tensor, torch.Tensor]]
+"""(call, x, g, create_graph, values, probes) -> (dL/dx, the segment's Gram parts): recompute the
+segment on ``x`` (its forward inside ``probes`` when given), backpropagate ``g`` through it, form
+its parameters' parts (the engine's rules; their values may be skipped in a graph pass unless
+``values``)."""
 
 
 @dataclass
@@ -133,8 +93,6 @@ class SegmentCall:
     route these (a weight some use of which cannot be routed gets its whole gradient)."""
     probes_of: Optional[Callable[[Sequence[torch.Tensor], Sequence[bool]], "ScaleProbes"]] = None
     """Makes the segment's own probe mode over its parameters."""
-    kept: Optional[KeptForward] = None
-    """The forward's graph, until the engine's backward's pass over the segment takes it."""
 
     @contextlib.contextmanager
     def as_in_forward(self, recomputing: bool = True) -> Iterator[None]:
@@ -177,33 +135,14 @@ class SegmentCall:
                                         create_graph=create_graph, allow_unused=True)
         return (grads[0], *self.split_gradients(grads[1:]))
 
-    def forward_kept(self, x: torch.Tensor) -> torch.Tensor:
-        """The segment's output, its graph kept (from a leaf of ``x``, with this call's probe mode,
-        which decides the probed weights) for the engine's backward's pass."""
-        probes = self.probe_mode()
-        leaf = x.detach().requires_grad_()
-        with self.as_in_forward(recomputing=False), torch.enable_grad(), self.phase.outer_recorder.pausing():
-            output, recorder = self.phase.forward(self, leaf, probes)
-        self.note_probed(probes)
-        self.kept = KeptForward(leaf, output, recorder, probes, output._version)
-        return output.detach()
-
     def gram_pass(self, x: torch.Tensor, grad_output: torch.Tensor, create_graph: bool, values: bool
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional["ScaleProbes"]]:
-        """(the input leaf the pass ran from, dL/dx, Gram part, the pass's probe mode): one pass of
-        the engine's :data:`GramPass` with this call's probe mode, its routing noted. The first pass
-        takes the forward's kept graph when the output is as it was: it runs from that leaf."""
-        kept, self.kept = self.kept, None
-        if kept is not None and kept.intact():
-            grad_x, part = self.phase.gram_pass(self, kept.leaf, grad_output, create_graph, values, kept.probes,
-                                                (kept.output, kept.recorder))
-            return kept.leaf, grad_x, part, kept.probes
-        if kept is not None:
-            kept.release()
+                  ) -> tuple[torch.Tensor, torch.Tensor, Optional["ScaleProbes"]]:
+        """(dL/dx, Gram part, the pass's probe mode): one pass of the engine's :data:`GramPass`
+        with this call's probe mode, its routing noted."""
         probes = self.probe_mode()
-        grad_x, part = self.phase.gram_pass(self, x, grad_output, create_graph, values, probes, None)
+        grad_x, part = self.phase.gram_pass(self, x, grad_output, create_graph, values, probes)
         self.note_probed(probes)
-        return x, grad_x, part, probes
+        return grad_x, part, probes
 
     @property
     def probe_tensors(self) -> tuple[torch.Tensor, ...]:
@@ -248,9 +187,6 @@ class SegmentPhase:
 
     gram: bool = False
     gram_pass: Optional[GramPass] = None
-    forward: Optional[SegmentForward] = None
-    outer_recorder: Optional["FactorRecorder"] = None
-    """The model's recorder, paused while a segment records its own forward."""
     calls: int = 0
     """Segment calls in the forward."""
     unreached: int = 0
@@ -266,7 +202,10 @@ class _Segment(Function):
                 ) -> torch.Tensor:
         ctx.call = call
         ctx.save_for_backward(x)
-        output = call.forward_kept(x)
+        # Without a graph: keeping it for the first backward (one forward less) took 0.9x the
+        # time on the small ViT at N = 64, but 1.31x a training step's allocator peak, not 1.01x.
+        with call.as_in_forward(recomputing=False), torch.no_grad():
+            output = call.run(x)
         return output.clone() if output is x else output
 
     @staticmethod
@@ -281,7 +220,7 @@ class _Segment(Function):
                 grad_x, part = _SegmentBackward.apply(call, keep_graph, x, grad_output, *call.params,
                                                       *call.probe_tensors)
             else:
-                _, grad_x, part, _ = call.gram_pass(x, grad_output, False, True)
+                grad_x, part, _ = call.gram_pass(x, grad_output, False, True)
             return (None, part, grad_x) + (None,) * (len(call.params) + len(call.probes))
         return (None, None, *call.input_gradient(x, grad_output, torch.is_grad_enabled()))
 
@@ -299,12 +238,12 @@ class _SegmentBackward(Function):
         ctx.save_for_backward(x, grad_output)
         ctx.kept = None
         if not keep_graph:
-            _, grad_x, part, _ = call.gram_pass(x, grad_output, False, True)
+            grad_x, part, _ = call.gram_pass(x, grad_output, False, True)
             return grad_x, part
         with torch.enable_grad():
-            grad_leaf = grad_output.detach().requires_grad_()
-            x_leaf, grad_x, part, probes = call.gram_pass(x.detach().requires_grad_(), grad_leaf, True, True)
-        ctx.kept = ((x_leaf, grad_leaf), grad_x, part, probes)
+            leaves = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
+            grad_x, part, probes = call.gram_pass(*leaves, True, True)
+        ctx.kept = (leaves, grad_x, part, probes)
         return grad_x.detach(), part.detach()
 
     @staticmethod
@@ -317,7 +256,7 @@ class _SegmentBackward(Function):
                 ctx.kept = None
             else:
                 x_leaf, grad_leaf = x.detach().requires_grad_(), grad_output.detach().requires_grad_()
-                x_leaf, grad_x, part, probes = call.gram_pass(x_leaf, grad_leaf, True, False)
+                grad_x, part, probes = call.gram_pass(x_leaf, grad_leaf, True, False)
             pairs = [(out, cot) for out, cot in ((grad_x, cot_grad_x), (part, cot_part))
                      if cot is not None and out.requires_grad]
             if not pairs:
@@ -333,10 +272,9 @@ class Segments:
     one token per call, and says which parameters they own."""
 
     def __init__(self, modules: Sequence[nn.Module], params: Sequence[torch.Tensor], gram_shape: tuple[int, int],
-                 dtype: torch.dtype, gram_pass: GramPass, forward: SegmentForward,
-                 probes: Optional["ScaleProbes"] = None) -> None:
+                 dtype: torch.dtype, gram_pass: GramPass, probes: Optional["ScaleProbes"] = None) -> None:
         self.modules = list(modules)
-        self.phase = SegmentPhase(gram_pass=gram_pass, forward=forward)
+        self.phase = SegmentPhase(gram_pass=gram_pass)
         self.gram_shape, self.dtype = gram_shape, dtype
         position = {id(p): index for index, p in enumerate(params)}
         self.owner: dict[int, nn.Module] = {}  # parameter index -> the segment module holding it
@@ -374,18 +312,14 @@ class Segments:
         return _Segment.apply(call, token, x, *call.params, *call.probe_tensors)
 
     @contextlib.contextmanager
-    def patched(self, outer_recorder: "FactorRecorder") -> Iterator[None]:
-        """Inside, calling a segment module runs it as a :class:`_Segment`; ``outer_recorder``, the
-        model's, is paused while a segment records its own forward (and not referenced after: the
-        segments' nodes live as long as the Gram's graph)."""
+    def patched(self) -> Iterator[None]:
+        """Inside, calling a segment module runs it as a :class:`_Segment`."""
         saved = [(module, module.__dict__.get("forward")) for module in self.modules]
-        self.phase.outer_recorder = outer_recorder
         try:
             for module in self.modules:
                 module.forward = functools.partial(self._call, module, module.forward)
             yield
         finally:
-            self.phase.outer_recorder = None
             for module, forward in saved:
                 if forward is None:
                     del module.forward
@@ -400,10 +334,6 @@ class Segments:
             yield
         finally:
             self.phase.gram = False
-            for call in self.calls:  # a segment the backward never reached
-                if call.kept is not None:
-                    call.kept.release()
-                    call.kept = None
         if self.probes is not None:  # each call's first pass decided which of its weights it probes
             for call in self.calls:
                 routed = call.probed or frozenset()
