@@ -37,7 +37,7 @@ CHANNEL_ALIGNMENT = 16
 """Block widths are multiples of this: mkldnn's grouped convolutions (one group per sample) ran
 2-6x slower per channel for 13, 26 or 43 output channels a group than for 16, 32 or 48
 (ResNet-18 layer shapes, N = 64, 2 CPU cores: at 26 oneDNN fell back to im2col and GEMM, at 32
-it ran its AVX-512 direct kernel, ONEDNN_VERBOSE=1), and GPU kernels tile channels likewise."""
+it ran its AVX-512 direct kernel, ONEDNN_VERBOSE=1). Not measured on a GPU."""
 
 
 def blockable(use: LayerUse, role: str) -> bool:
